@@ -1,0 +1,52 @@
+"""ResNets on ImageNet (ILSVRC-2012): the standard 90-epoch recipe.
+
+    python -m resnet_jax.main --config=configs/imagenet.py:resnet50 --workdir=runs/r50
+    python -m resnet_jax.main --config=configs/imagenet.py:resnet50,cosine --workdir=runs/r50c
+
+Batch 256 x k with lr 0.1 x batch/256 (Goyal et al.), SGD momentum 0.9, weight decay 1e-4,
+lr / 10 at epochs 30, 60, 80 (or cosine after a 5-epoch linear warm-up), 90 epochs;
+random-resized crop 224 + flip; eval resize 256 + center crop 224. Expected top-1 error:
+ResNet-18 ~30.2 %, -34 ~26.7 %, -50 ~23.9 % (torchvision v1.5), -101 ~22.6 %, -152 ~21.7 %.
+Needs TFDS imagenet2012 prepared by hand (manual download) under data.data_dir.
+"""
+
+from resnet_jax.config import default_config
+
+TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(arg: str = "resnet50"):
+    """`arg` is "<model>" or "<model>,cosine": resnet18 ... resnet200, plain18, plain34."""
+    name, _, schedule = arg.partition(",")
+    config = default_config()
+    config.model.name = name
+    config.model.family = "imagenet"
+    config.model.shortcut = "B"
+    config.model.bottleneck_stride = "v1.5"
+    config.model.dtype = "bfloat16"
+    config.data.source = "tfds"
+    config.data.name = "imagenet2012"
+    config.data.num_classes = 1000
+    config.data.image_size = 224
+    config.data.pipeline = "stream"
+    config.data.normalization = "imagenet"
+    config.data.eval_splits = "val=validation"
+    config.data.workers = 8
+    config.train.batch_size = 256
+    config.train.eval_batch_size = 500
+    steps_per_epoch = TRAIN_EXAMPLES // 256
+    config.train.total_steps = 90 * steps_per_epoch
+    config.train.log_every = 500
+    config.train.checkpoint_every = 5000
+    # A reference: overriding --config.train.batch_size rescales the lr with it.
+    config.optim.lr = config.train.get_ref("batch_size") * (0.1 / 256)
+    if schedule == "cosine":
+        config.optim.schedule = "cosine"
+        config.optim.warmup_steps = 5 * steps_per_epoch
+    elif schedule:
+        raise ValueError(f"unknown ImageNet schedule {schedule!r}; use '<model>' or '<model>,cosine'")
+    else:
+        config.optim.schedule = "multistep"
+        config.optim.boundaries = (30, 60, 80)
+        config.optim.boundaries_unit = "epochs"
+    return config

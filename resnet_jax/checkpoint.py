@@ -1,0 +1,95 @@
+"""Orbax checkpoints of a run: `workdir/checkpoints/<step>/{state,meta}`.
+
+Keeps the last `keep` checkpoints and the best by evaluation error. Orbax writes each step
+to a temporary directory and renames it when complete, so a kill at any moment leaves the
+previous checkpoints intact; a step that is corrupt anyway (a truncated file) is skipped
+with a warning in favour of the one before it.
+"""
+
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from resnet_jax.errors import UserError
+
+managers = ocp.checkpoint_managers
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Checkpoints:
+    """Save and restore a run's state (global, replicated jax.Arrays) and JSON metadata."""
+
+    def __init__(self, workdir: str, keep: int = 3):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        keep_best = managers.BestN(
+            get_metric_fn=lambda metrics: metrics["error"], reverse=True, n=1,  # lowest error
+            keep_checkpoints_without_metrics=False,
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=managers.AnyPreservationPolicy([managers.LatestN(keep), keep_best]),
+            enable_async_checkpointing=False,  # a step returns once its checkpoint is complete
+            create=True,
+        )
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, error: float | None = None) -> None:
+        """Writes `state` (a pytree of global jax.Arrays) and `meta` at `step`.
+
+        Args:
+          error: the evaluation error at this step, if evaluated; the lowest is kept.
+        """
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            self.manager.save(step, args=args, metrics=None if error is None else {"error": error}, force=True)
+            self.manager.wait_until_finished()
+        except OSError as error_:
+            raise UserError(f"cannot write checkpoint {step} in {self.directory}: {error_.strerror or error_}") from None
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+        """Restores `step`, or the newest good checkpoint; None when there is none.
+
+        Args:
+          abstract_state: jax.ShapeDtypeStruct tree with the shardings to restore onto, so a
+            run saved on 4 devices resumes on 1 or 2.
+          step: a particular step; an error if it is missing or corrupt.
+
+        Raises:
+          UserError: checkpoints exist but none can be read.
+        """
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise UserError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
+        for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            try:
+                restored = self.manager.restore(candidate, args=args)
+                return restored.state, restored.meta, candidate
+            except Exception as error:  # corrupt or partial: Orbax raises many kinds
+                _warn(f"checkpoint {candidate} in {self.directory} is unreadable "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                      "trying the one before")
+        if steps:
+            raise UserError(
+                f"no readable checkpoint in {self.directory} (steps {steps}); move it away or set "
+                "--config.overwrite=True to start over"
+            )
+        return None
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:
+    """The shape/dtype/sharding tree `restore` needs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)

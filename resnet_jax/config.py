@@ -1,0 +1,176 @@
+"""The one config schema: defaults, and validation before anything is compiled or written.
+
+Recipes in `configs/` start from `default_config()` and change what their family needs.
+Every field can be overridden on the command line (`--config.train.total_steps=1000`).
+"""
+
+import ml_collections
+
+from resnet_jax import models
+from resnet_jax.errors import UserError
+
+SOURCES = ("tfds", "npz", "digits", "synthetic")
+PIPELINES = ("device", "stream")
+NORMALIZATIONS = ("per_pixel_mean", "per_channel", "imagenet", "none")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("multistep", "step", "cosine", "triangular", "onecycle", "constant")
+WARMUPS = ("linear", "constant")
+BOUNDARY_UNITS = ("fraction", "steps", "epochs")
+BACKENDS = ("shard_map", "pmap")
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """He et al.'s CIFAR-10 recipe for ResNet-20; the recipes in configs/ start here."""
+    config = ml_collections.ConfigDict()
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "resnet20"
+    model.family = ""  # "" = from the name; "cifar" forces CIFAR nets of depth 50/152/200
+    model.shortcut = "A"  # A: zero-pad (paper, CIFAR), B: projection where shape changes, C: always
+    model.zero_init_residual = False
+    model.bottleneck_stride = "v1.5"  # v1: paper (stride on 1x1), v1.5: torchvision (on 3x3)
+    model.dtype = "float32"  # compute dtype; parameters and BN statistics stay float32
+    model.bn_sync = True  # False: each device normalises its own part (the paper's per-GPU BN)
+    model.dropout_rate = 0.0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "tfds"  # tfds | npz | digits | synthetic
+    data.name = "cifar10"  # TFDS name (tfds source); a label for the others
+    data.path = ""  # the .npz file (npz source)
+    data.data_dir = ""  # TFDS data_dir; "" = TFDS's default
+    data.num_classes = 10
+    data.image_size = 32
+    data.train_split = "train"
+    # name=split pairs, comma separated; TFDS slicing works for every source.
+    data.eval_splits = "test=test"
+    data.pipeline = "device"  # device: whole dataset on the accelerator; stream: grain workers
+    data.crop_padding = 4  # zero pad + random crop back to image_size; 0 = off
+    data.flip = True
+    data.normalization = "per_pixel_mean"  # per_pixel_mean (paper) | per_channel | imagenet | none
+    data.synthetic_examples = 2048
+    data.workers = 0  # stream pipeline: grain worker processes (0 = in the main process)
+    data.eval_resize = 256  # stream pipeline: shorter side before the center crop
+    data.shuffle_buffer = 0
+
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 128  # global, over all devices
+    train.eval_batch_size = 1000
+    train.total_steps = 64_000
+    train.log_every = 100
+    train.eval_every = 0  # 0 = once an epoch
+    train.checkpoint_every = 1000
+    train.keep_checkpoints = 3
+    train.early_stopping_patience = 0  # in evaluations; 0 = off
+    train.early_stopping_split = ""  # "" = the first eval split
+    train.steps_per_dispatch = 1  # >1 scans several steps inside one jitted call
+    train.seed = 0
+    train.progress = True
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.name = "sgd"  # sgd | adam
+    optim.lr = 0.1
+    optim.momentum = 0.9
+    optim.nesterov = False
+    optim.weight_decay = 1e-4  # coupled L2 term, as in the paper
+    optim.decay_bn_and_bias = True  # False leaves BN scales/biases and biases undecayed
+    optim.schedule = "multistep"
+    # multistep: where lr is multiplied by decay_factor, in boundaries_unit: "fraction" of
+    # train.total_steps (so a shortened run keeps the recipe's shape), "steps" or "epochs".
+    optim.boundaries = (0.5, 0.75)  # He et al.: 32k and 48k of 64k steps
+    optim.boundaries_unit = "fraction"
+    optim.decay_factor = 0.1
+    optim.step_every_epochs = 30  # step schedule
+    optim.min_lr = 0.0  # cosine floor; lower end of the cyclical schedules
+    optim.cycle_steps = 2000  # triangular: steps per full cycle
+    optim.warmup_steps = 0
+    optim.warmup = "linear"  # linear: warmup_lr -> lr; constant: warmup_lr throughout (ResNet-110)
+    optim.warmup_lr = 0.0
+
+    config.parallel = parallel = ml_collections.ConfigDict()
+    parallel.backend = "shard_map"  # shard_map | pmap
+
+    config.overwrite = False  # True: start over in a workdir that holds another run
+    return config
+
+
+def _choice(value, choices, field):
+    if value not in choices:
+        raise UserError(f"unknown {field} {value!r}; choose from {', '.join(choices)}")
+
+
+def _positive(value, field):
+    if not value > 0:
+        raise UserError(f"{field} must be positive, got {value}")
+
+
+def parse_splits(spec: str) -> dict[str, str]:
+    """"val=train[45000:],test=test" -> {"val": "train[45000:]", "test": "test"}."""
+    splits = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, split = item.partition("=")
+        if not sep or not name or not split:
+            raise UserError(f"data.eval_splits item {item!r} is not name=split")
+        splits[name.strip()] = split.strip()
+    return splits
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises UserError (one clear line) for anything that would fail later."""
+    model, data, train, optim = config.model, config.data, config.train, config.optim
+    try:
+        models.create(
+            model.name, family=model.family or None, shortcut=model.shortcut,
+            zero_init_residual=model.zero_init_residual, bottleneck_stride=model.bottleneck_stride,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    _choice(model.dtype, DTYPES, "model.dtype")
+    _choice(data.source, SOURCES, "data.source")
+    _choice(data.pipeline, PIPELINES, "data.pipeline")
+    _choice(data.normalization, NORMALIZATIONS, "data.normalization")
+    _choice(optim.name, OPTIMIZERS, "optim.name")
+    _choice(optim.schedule, SCHEDULES, "optim.schedule")
+    _choice(optim.warmup, WARMUPS, "optim.warmup")
+    _choice(optim.boundaries_unit, BOUNDARY_UNITS, "optim.boundaries_unit")
+    _choice(config.parallel.backend, BACKENDS, "parallel.backend")
+    for field in ("batch_size", "eval_batch_size", "total_steps", "log_every", "checkpoint_every",
+                  "keep_checkpoints", "steps_per_dispatch"):
+        _positive(train[field], f"train.{field}")
+    for field in ("num_classes", "image_size"):
+        _positive(data[field], f"data.{field}")
+    _positive(optim.lr, "optim.lr")
+    if not 0 <= model.dropout_rate < 1:
+        raise UserError(f"model.dropout_rate must be in [0, 1), got {model.dropout_rate}")
+    if train.eval_every < 0 or optim.warmup_steps < 0 or data.crop_padding < 0:
+        raise UserError("train.eval_every, optim.warmup_steps and data.crop_padding must be >= 0")
+    for field in ("batch_size", "eval_batch_size"):
+        if train[field] % num_devices:
+            raise UserError(
+                f"train.{field}={train[field]} does not divide over {num_devices} devices; "
+                f"use a multiple of {num_devices}"
+            )
+    if optim.schedule == "multistep" and optim.boundaries_unit == "fraction":
+        if any(not 0 < b < 1 for b in optim.boundaries):
+            raise UserError(f"optim.boundaries {tuple(optim.boundaries)} must be fractions in (0, 1) "
+                            "with optim.boundaries_unit=fraction")
+    if optim.schedule == "multistep" and optim.boundaries_unit == "steps":
+        late = [b for b in optim.boundaries if b >= train.total_steps]
+        if late:
+            raise UserError(
+                f"optim.boundaries {tuple(optim.boundaries)} reach past train.total_steps="
+                f"{train.total_steps}: {late}"
+            )
+    if optim.warmup_steps >= train.total_steps:
+        raise UserError(f"optim.warmup_steps={optim.warmup_steps} is not below train.total_steps={train.total_steps}")
+    if data.source == "npz" and not data.path:
+        raise UserError("data.source=npz needs data.path=FILE.npz")
+    if data.source == "npz":
+        import os
+
+        if not os.path.isfile(data.path):
+            raise UserError(f"data file not found: {data.path}")
+    if data.pipeline == "stream" and data.source != "tfds":
+        raise UserError("data.pipeline=stream reads TFDS datasets; use data.pipeline=device for "
+                        f"data.source={data.source}")
+    parse_splits(data.eval_splits)

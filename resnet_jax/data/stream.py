@@ -1,0 +1,301 @@
+"""Streamed input for datasets that do not fit on the accelerator (ImageNet): grain over TFDS.
+
+Examples are read with `tfds.data_source` (ArrayRecord, random access) with the JPEG bytes left
+encoded; PIL decodes, crops and normalises them in grain worker processes. Reading never
+imports TensorFlow (TFDS's own image decoder would not either, but we want the encoded bytes
+so decode and crop are one step we control); only `prepare` does, lazily.
+
+One grain element is one whole host batch, a pure function of its batch index:
+
+* train: the order of epoch e is a permutation of the split drawn from (seed, e); global batch
+  b of the epoch is rows [b*G, (b+1)*G) of it, and the last n % G rows of every epoch are
+  dropped (a different few each epoch). Epoch e has n // G batches, batch j of the stream is
+  batch j % (n // G) of epoch j // (n // G). The crop and flip of an example are drawn from
+  (seed, epoch, record index).
+* eval: global batch j is records [j*G, (j+1)*G) in split order; rows past the end are padding
+  (zero image, label 0, mask 0), so there are ceil(n / G) batches on every host.
+
+Host p of P takes rows [p*L, (p+1)*L) of every global batch (L = G / P). So the hosts' shards
+are disjoint and together cover each global batch, every host yields the same number of
+batches (no collective waits on a host that ran out), and the global stream is the same for any
+process_count and any number of workers. The iterator state is just the next batch index, so a
+resumed run continues with exactly the batches an uninterrupted one would give.
+"""
+
+import io
+import math
+import sys
+import time
+from typing import Any
+
+import grain
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from resnet_jax.errors import UserError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+NORMALIZATIONS = ("imagenet", "none")
+_INFINITE = sys.maxsize  # grain's range needs a stop; training never reaches it
+
+
+def prepare(name: str, data_dir: str = "") -> None:
+    """Downloads and writes a TFDS dataset as ArrayRecord unless it is already there.
+
+    The only function here that may import TensorFlow (TFDS builders need it to prepare).
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+
+
+def _open(name: str, split: str, data_dir: str):
+    """The split as a random-access source of records with the image still encoded.
+
+    download=False: reading must never start preparing (that would import TensorFlow).
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as error:  # TFDS raises several types for "not prepared" / bad split
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot read TFDS {name!r} split {split!r} from data_dir="
+                        f"{data_dir or 'default'!r} as ArrayRecord ({reason}); prepare it first "
+                        "with resnet_jax.data.stream.prepare") from None
+
+
+def num_examples(name: str, split: str, data_dir: str = "") -> int:
+    """Number of examples in a prepared split (TFDS slicing such as "train[:10%]" works)."""
+    return len(_open(name, split, data_dir))
+
+
+def _random_resized_crop(width: int, height: int, rng: np.random.Generator):
+    """Inception crop box (left, top, w, h): torchvision's RandomResizedCrop.get_params."""
+    area, log_ratio = width * height, (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target_area = area * rng.uniform(0.08, 1.0)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    # Fallback: the largest center crop whose aspect ratio is within [3/4, 4/3].
+    w, h = width, height
+    if width / height < 3 / 4:
+        h = int(round(width / (3 / 4)))
+    elif width / height > 4 / 3:
+        w = int(round(height * (4 / 3)))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class _LoadBatch:
+    """Batch index -> one host batch: reads, decodes, crops and normalises (in a grain worker)."""
+
+    def __init__(self, source, *, train: bool, num_examples: int, global_batch: int,
+                 local_batch: int, process_index: int, seed: int, image_size: int,
+                 eval_resize: int, flip: bool, normalization: str, extra_keys=()):
+        self.source, self.train, self.n = source, train, num_examples
+        self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
+        self.seed, self.size, self.eval_resize, self.flip = seed, image_size, eval_resize, flip
+        self.normalization, self.extra_keys = normalization, tuple(extra_keys)
+        self.steps_per_epoch = num_examples // global_batch
+        self._perm_epoch, self._perm = -1, None  # the current epoch's order, cached per worker
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:  # once per epoch per worker (~20 ms for ImageNet)
+            self._perm_epoch = epoch
+            self._perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.n)
+        return self._perm
+
+    def _rows(self, index: int) -> tuple[int, np.ndarray]:
+        """(epoch, record indices of this host's rows; -1 = padding) for batch `index`."""
+        first = self.process_index * self.local_batch
+        if self.train:
+            epoch, step = divmod(index, self.steps_per_epoch)
+            start = step * self.global_batch + first
+            return epoch, self._epoch_order(epoch)[start:start + self.local_batch]
+        rows = index * self.global_batch + first + np.arange(self.local_batch)
+        return 0, np.where(rows < self.n, rows, -1)
+
+    def transform(self, raw: bytes, rng: np.random.Generator | None) -> np.ndarray:
+        """Encoded image -> uint8 [S, S, 3]; random crop + flip if rng, else center crop."""
+        image = Image.open(io.BytesIO(raw))
+        if image.mode != "RGB":  # grayscale and CMYK JPEGs exist in ImageNet
+            image = image.convert("RGB")
+        width, height = image.size
+        if rng is not None:
+            left, top, w, h = _random_resized_crop(width, height, rng)
+        else:
+            # Resize the shorter side to eval_resize and take the center; done as one resize of
+            # the matching box of the original (cheaper, and the same up to rounding).
+            scale = self.eval_resize / min(width, height)
+            w = h = self.size / scale
+            left, top = (width - w) / 2, (height - h) / 2
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng is not None and self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(image)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        epoch, records = self._rows(index)
+        real = records >= 0
+        raw = self.source.__getitems__([int(r) for r in records[real]])  # one batched read
+        pixels = np.zeros((self.local_batch, self.size, self.size, 3), np.uint8)
+        labels = np.zeros(self.local_batch, np.int32)
+        extras = {key: np.full(self.local_batch, -1, np.int64) for key in self.extra_keys}
+        for row, record, example in zip(np.flatnonzero(real), records[real], raw):
+            rng = np.random.default_rng([self.seed, 1, epoch, int(record)]) if self.train else None
+            pixels[row] = self.transform(example["image"], rng)
+            labels[row] = example["label"]
+            for key in self.extra_keys:
+                extras[key][row] = example[key]
+        # Normalise the whole batch at once, in place (per image it costs as much as the resize).
+        images = pixels.astype(np.float32)
+        if self.normalization == "imagenet":
+            images -= IMAGENET_MEAN
+            images /= IMAGENET_STD
+        else:
+            images /= 255.0
+        images[~real] = 0.0  # padding rows are zeros after normalisation, whatever the mean
+        return {"image": images, "label": labels, "mask": real.astype(np.float32), **extras}
+
+
+class StreamIterator:
+    """Iterator of host batches {"image", "label", "mask"} with a JSON-serialisable state.
+
+    Attributes:
+      num_batches: batches in one pass (eval), None for the endless train stream.
+      steps_per_epoch: global batches per epoch (train: n // G; eval: num_batches).
+      num_examples: examples in the split.
+    """
+
+    def __init__(self, load_batch: _LoadBatch, *, num_batches: int | None, workers: int,
+                 identity: dict[str, Any]):
+        self._load, self._workers, self._identity = load_batch, workers, identity
+        self.num_batches, self.num_examples = num_batches, load_batch.n
+        self.steps_per_epoch = load_batch.steps_per_epoch if num_batches is None else num_batches
+        self._next, self._iterator = 0, None
+
+    def _start(self):
+        stop = _INFINITE if self.num_batches is None else self.num_batches
+        dataset = grain.MapDataset.range(self._next, stop).map(self._load)
+        if self._workers > 0:
+            # grain reads absl flags when it starts workers; outside an absl app (pytest, a
+            # notebook) they are unparsed and it raises, so take the defaults then.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            # Workers take every workers-th batch; grain returns them in order, moving the
+            # arrays through shared memory. One batch buffered per worker is prefetch enough.
+            dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._workers, per_worker_buffer_size=1))
+        else:
+            # In this process; one thread prepares the next two batches while the step runs.
+            dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        self._iterator = iter(dataset)
+
+    def __iter__(self) -> "StreamIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.num_batches is not None and self._next >= self.num_batches:
+            self.close()  # the pass is over: let the workers go now, not at garbage collection
+            raise StopIteration
+        if self._iterator is None:
+            self._start()
+        batch = next(self._iterator)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """The position (next batch index) and what it is a position in; plain JSON."""
+        return {"next_batch": self._next, **self._identity}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from a `get_state()`; refuses a state saved for a different stream."""
+        changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+        if changed:
+            raise UserError(f"the saved input-pipeline state belongs to a different stream "
+                            f"(saved, now): {changed}")
+        self.close()
+        self._next = int(state["next_batch"])
+
+    def close(self) -> None:
+        """Stops the worker processes (they also stop when the iterator is garbage collected)."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+
+def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed: int,
+                process_index: int = 0, process_count: int = 1,
+                extra_keys: tuple[str, ...] = ()) -> StreamIterator:
+    """This host's share of a TFDS split as an iterator of batches (see the module docstring).
+
+    Args:
+      config: the whole config; reads data.name, data_dir, image_size, eval_resize, flip,
+        workers and normalization ("imagenet": ImageNet mean/std; "none": scale to [0, 1]).
+      split: TFDS split, slicing allowed ("train[:10%]").
+      train: True: endless, reshuffled every epoch, random crop + flip. False: one pass in
+        order, shorter side to eval_resize, center crop, last batch padded (mask 0).
+      global_batch_size: batch over all hosts; must divide by process_count.
+      seed: data order and augmentation seed (non-negative).
+      process_index: this host (jax.process_index()).
+      process_count: number of hosts (jax.process_count()).
+      extra_keys: integer features to carry through as int64 (padding -1), e.g. ("id",).
+
+    Returns:
+      A StreamIterator of {"image": float32 [L, S, S, 3], "label": int32 [L],
+      "mask": float32 [L]} with L = global_batch_size // process_count.
+    """
+    data = config.data
+    if data.normalization not in NORMALIZATIONS:
+        raise UserError(f"data.pipeline=stream supports data.normalization "
+                        f"{' or '.join(NORMALIZATIONS)}, not {data.normalization!r}")
+    if global_batch_size % process_count:
+        raise UserError(f"batch size {global_batch_size} does not divide over {process_count} hosts")
+    if not 0 <= process_index < process_count or seed < 0:
+        raise ValueError(f"bad process_index={process_index}/{process_count} or seed={seed}")
+    if data.eval_resize < data.image_size:
+        raise UserError(f"data.eval_resize={data.eval_resize} is below data.image_size={data.image_size}")
+    source = _open(data.name, split, data.data_dir)
+    n = len(source)
+    if train and n < global_batch_size:
+        raise UserError(f"split {split!r} has {n} examples, fewer than one batch of {global_batch_size}")
+    load = _LoadBatch(source, train=train, num_examples=n, global_batch=global_batch_size,
+                      local_batch=global_batch_size // process_count, process_index=process_index,
+                      seed=seed, image_size=data.image_size, eval_resize=data.eval_resize,
+                      flip=data.flip, normalization=data.normalization, extra_keys=extra_keys)
+    identity = {"dataset": data.name, "split": split, "train": train, "num_examples": n,
+                "global_batch_size": global_batch_size, "seed": seed}
+    return StreamIterator(load, num_batches=None if train else -(-n // global_batch_size),
+                          workers=data.workers, identity=identity)
+
+
+def measure_throughput(config, split: str, batch_size: int, num_batches: int) -> dict[str, float]:
+    """Images/s of the train pipeline (read + decode + crop + flip + normalise), one host.
+
+    Times `num_batches` batches after one warm-up batch per worker (which pays for starting
+    them). "images_per_s_per_worker" divides by the worker count (1 when workers = 0).
+    """
+    stream = make_stream(config, split, train=True, global_batch_size=batch_size, seed=0)
+    try:
+        for _ in range(max(config.data.workers, 1)):
+            next(stream)
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            next(stream)
+        seconds = time.perf_counter() - start
+    finally:
+        stream.close()
+    images_per_s = batch_size * num_batches / seconds
+    workers = max(config.data.workers, 1)
+    return {"images_per_s": images_per_s, "images_per_s_per_worker": images_per_s / workers,
+            "workers": config.data.workers, "batch_size": batch_size,
+            "num_batches": num_batches, "seconds": seconds}
