@@ -80,7 +80,7 @@ class Parallel:
     def from_global(self, tree):
         """Inverse of `to_global`."""
         if self.backend == "pmap":
-            return self.replicate(self.unreplicate(tree))
+            return self.replicate(jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree))
         return tree
 
     def describe(self) -> str:

@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
         "loss": jax.lax.pmean(loss, AXIS),
         "correct": jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == batch["label"]), AXIS).astype(jnp.float32),
         "examples": jax.lax.psum(batch["label"].shape[0], AXIS) * 1.0,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
     }
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
 

@@ -128,7 +128,7 @@ IMAGENET_STAGES = {
 }
 CIFAR_NAMED_DEPTHS = (20, 32, 44, 56, 110, 1202)
 IMAGENET_PLAIN_DEPTHS = (18, 34)
-_NAME = re.compile(r"^(resnet|plain)(\d+)$")
+_NAME = re.compile(r"^(resnet|plain)([1-9]\d*)$")
 
 
 def available() -> list[str]:
@@ -183,6 +183,8 @@ def create(name: str, num_classes: int = 10, family: str | None = None, **overri
         raise _unknown(name)
     depth = int(match.group(2))
     if isinstance(overrides.get("dtype"), str):
+        if overrides["dtype"] not in DTYPES:
+            raise ValueError(f"unknown dtype {overrides['dtype']!r}; choose from {', '.join(DTYPES)}")
         overrides["dtype"] = DTYPES[overrides["dtype"]]
     kwargs: dict[str, Any] = dict(num_classes=num_classes, skip=match.group(1) == "resnet")
     if resolved == "cifar":

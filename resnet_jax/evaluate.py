@@ -1,0 +1,545 @@
+"""A trained workdir -> a report: metrics, confusion matrix, mistakes, feature maps, curves.
+
+    python -m resnet_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best|latest|STEP]
+
+writes `DIR/report/` (`metrics.json`, `confusion_matrix.png`, `mistakes.png`,
+`activations.png`, `curves.png` and `report.md`, which ties them together). The run is
+rebuilt from `DIR/config.json` alone, with the trainer's own pieces (model, normalisation
+statistics of the training split, state layout), and restored onto however many devices are
+visible now; every example of the split gets its logits exactly once (the last batch is
+padded and the padding masked out), and all metrics are computed on the host from them.
+
+`report(workdir, ...)` is the same as a function, for experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from resnet_jax import config as config_lib
+from resnet_jax.checkpoint import Checkpoints, abstract_like
+from resnet_jax.data import augment, sources
+from resnet_jax.data import device as device_data
+from resnet_jax.errors import USER_ERROR_EXIT, UserError
+from resnet_jax.parallel import Parallel
+
+# resnet_jax.train (optax, sklearn, tensorboardX), figures (matplotlib) and data.stream (grain)
+# are imported once a run has been found, so that bad input fails in a second or two.
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+CHECKPOINT_CHOICES = ("best", "latest")
+MAX_MISTAKES = 32  # images in mistakes.png (4 rows of 8)
+ACTIVATION_IMAGES = 4  # rows in activations.png
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The run's config.
+
+
+def _read_flat(workdir: str) -> dict[str, Any]:
+    """config.json as written by the trainer: {"model.name": ..., "train.batch_size": ...}."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise UserError(f"no run in {workdir} (no such directory)")
+    if not os.path.isfile(path):
+        raise UserError(f"no run in {workdir} (config.json missing)")
+    try:
+        with open(path) as f:
+            flat = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(flat, dict):
+        raise UserError(f"{path} is not a JSON object of dotted keys")
+    return flat
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The ConfigDict a run was trained with, rebuilt from `workdir/config.json`.
+
+    config.json holds the config flattened to dotted keys, tuples stored as JSON lists; this
+    starts from `config.default_config()` and sets every key, turning lists back into tuples
+    where the default is a tuple. Keys the defaults lack (a newer or older schema) are added
+    as they are, so nothing the run recorded is dropped.
+
+    Raises:
+      UserError: no workdir, no or unreadable config.json, or a value of the wrong type.
+    """
+    path = os.path.join(workdir, "config.json")
+    flat = _read_flat(workdir)
+    config = config_lib.default_config()
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for parent in parents:
+                if parent not in node:
+                    node[parent] = ml_collections.ConfigDict()
+                node = node[parent]
+            if isinstance(node.get(leaf), tuple) and isinstance(value, list):
+                value = tuple(value)
+            node[leaf] = value
+        except (TypeError, ValueError, AttributeError, KeyError) as error:
+            raise UserError(f"{path}: cannot set {key}={value!r}: {str(error).splitlines()[0]}") from None
+    return config
+
+
+def class_names(data: ml_collections.ConfigDict) -> list[str]:
+    """Label names: CIFAR-10's, the digits, TFDS's label names, or else class indices."""
+    count = data.num_classes
+    if data.name == "cifar10" and count == len(CIFAR10_NAMES):
+        return list(CIFAR10_NAMES)
+    if data.source == "digits":
+        return [str(i) for i in range(count)]
+    if data.source == "tfds":
+        try:  # dataset_info.json of the prepared dataset; anything wrong -> indices
+            import tensorflow_datasets as tfds
+
+            names = tfds.builder(data.name, data_dir=data.data_dir or None).info.features["label"].names
+            if len(names) == count:
+                return [str(name) for name in names]
+        except Exception:  # noqa: BLE001 -- names are a nicety, never a reason to fail
+            pass
+    return [str(i) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments: split and checkpoint.
+
+
+def resolve_split(config: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
+    """(name, spec): a name from data.eval_splits, or any split spec used as its own name."""
+    named = config_lib.parse_splits(config.data.eval_splits)
+    if split in named:
+        return split, named[split]
+    return split, split
+
+
+def parse_checkpoint(checkpoint: str | int) -> str | int:
+    """"best", "latest" or a step number (int)."""
+    text = str(checkpoint).strip()
+    if text in CHECKPOINT_CHOICES:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"--checkpoint must be best, latest or a step number, got {checkpoint!r}")
+
+
+def _checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _saved_steps(workdir: str) -> list[int]:
+    """Steps on disk, without creating anything (Orbax's manager would make the folder)."""
+    directory = _checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def _read_meta(checkpoints, step: int) -> dict | None:
+    """A checkpoint's JSON metadata alone (cheap: the state is not read); None if unreadable."""
+    try:
+        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
+    except Exception:  # noqa: BLE001 -- corrupt or partial; the caller tries an older one
+        return None
+
+
+def _choose_step(checkpoints, which: str | int) -> tuple[int | None, str | None]:
+    """The step to restore (None: the newest readable) and a note on any fallback."""
+    if not isinstance(which, str):
+        return which, None
+    if which == "latest":
+        return None, None
+    steps = sorted(checkpoints.steps(), reverse=True)
+    meta = next((m for m in (_read_meta(checkpoints, s) for s in steps) if m is not None), None)
+    best = None if meta is None else meta.get("best_step")
+    if best is None:
+        return None, "no best step recorded (the run has not evaluated yet); using the latest checkpoint"
+    if int(best) not in steps:
+        return None, (f"the best step {best} is no longer on disk (have {sorted(steps)}); "
+                      "using the latest checkpoint")
+    return int(best), None
+
+
+# ---------------------------------------------------------------------------------------
+# Predictions.
+
+
+def _predictor(trainer, state, mean: np.ndarray, std: np.ndarray):
+    """predict(uint8-or-float images [B, ...]) -> logits on device (see `_to_host`), mapped
+    over every device. B must be a multiple of the device count; normalisation is on device.
+    """
+    parallel, model = trainer.parallel, trainer.eval_model
+
+    def predict(variables, stats, images):
+        return model.apply(variables, augment.normalize(images, stats[0], stats[1]), train=False)
+
+    mapped = parallel.wrap(predict, (None, None, 0), 0)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    stats = parallel.replicate((np.asarray(mean, np.float32), np.asarray(std, np.float32)))
+
+    def run(images: np.ndarray) -> jax.Array:
+        return mapped(variables, stats, parallel.shard(images))
+
+    return run
+
+
+def _to_host(logits: jax.Array) -> np.ndarray:
+    """Device logits -> numpy [B, C] (pmap's come as [devices, per_device, C])."""
+    logits = np.asarray(jax.device_get(logits), np.float32)
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _global_batch(eval_batch_size: int, num_devices: int) -> int:
+    per_device = -(-eval_batch_size // num_devices)
+    return per_device * num_devices
+
+
+class _MistakeImages:
+    """Keeps the images of the surest mistakes seen so far, so a streamed split never has
+    to be held in memory to draw mistakes.png."""
+
+    def __init__(self, limit: int):
+        self.limit, self.kept = limit, {}  # global index -> (confidence, image)
+
+    def add(self, offset: int, labels, logits, images) -> None:
+        from resnet_jax import metrics as metrics_lib
+
+        index, _, confidence = metrics_lib.most_confident_mistakes(labels, logits, self.limit, from_logits=True)
+        for i, c in zip(index, confidence):
+            self.kept[offset + int(i)] = (float(c), images[i])
+        if len(self.kept) > self.limit:
+            order = sorted(self.kept, key=lambda k: (-self.kept[k][0], k))[: self.limit]
+            self.kept = {k: self.kept[k] for k in order}
+
+
+def _device_predictions(trainer, state, arrays, stats):
+    """Logits of every example of an in-memory split (padded to whole batches, masked)."""
+    batch = _global_batch(trainer.config.train.eval_batch_size, trainer.parallel.num_devices)
+    batch = min(batch, _global_batch(len(arrays.labels), trainer.parallel.num_devices))
+    padded = device_data.host_data(arrays, stats, pad_to_multiple=batch)
+    predict = _predictor(trainer, state, *stats)
+    # Every batch is dispatched before any is fetched, so the host never waits in between.
+    pending = [predict(padded.images[i:i + batch]) for i in range(0, len(padded.labels), batch)]
+    logits = np.concatenate([_to_host(out) for out in pending])
+    keep = padded.mask > 0
+    return logits[keep], padded.labels[keep]
+
+
+def _stream_predictions(trainer, state, spec: str):
+    """Logits of every example of a streamed TFDS split, plus the images mistakes.png and
+    activations.png need (un-normalised back to uint8 for display)."""
+    from resnet_jax.data import stream
+
+    config, parallel = trainer.config, trainer.parallel
+    batch = _global_batch(config.train.eval_batch_size, parallel.num_devices)
+    iterator = stream.make_stream(config, spec, train=False, global_batch_size=batch, seed=config.train.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    channels = trainer.image_shape[-1]
+    predict = _predictor(trainer, state, np.zeros(channels, np.float32), np.ones(channels, np.float32))
+    if config.data.normalization == "imagenet":
+        mean, std = stream.IMAGENET_MEAN, stream.IMAGENET_STD
+    else:
+        mean, std = np.zeros(3, np.float32), np.full(3, 255.0, np.float32)
+    to_uint8 = lambda x: np.clip(np.rint(x * std + mean), 0, 255).astype(np.uint8)
+    all_logits, all_labels, mistakes, first_inputs = [], [], _MistakeImages(MAX_MISTAKES), None
+    try:
+        for host_batch in iterator:
+            keep = host_batch["mask"] > 0
+            logits = _to_host(predict(host_batch["image"]))[keep]
+            labels = host_batch["label"][keep]
+            if first_inputs is None:
+                first_inputs = host_batch["image"][keep][:ACTIVATION_IMAGES]
+            mistakes.add(sum(map(len, all_labels)), labels, logits, to_uint8(host_batch["image"][keep]))
+            all_logits.append(logits)
+            all_labels.append(labels)
+    finally:
+        iterator.close()
+    return np.concatenate(all_logits), np.concatenate(all_labels), mistakes, first_inputs, to_uint8
+
+
+def _activations(trainer, state, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Feature maps the model sows ("stem", "stage1", ...) for a few normalised inputs."""
+    variables = trainer.parallel.unreplicate({"params": state.params, "batch_stats": state.batch_stats})
+    apply = jax.jit(lambda v, x: trainer.eval_model.apply(v, x, train=False, mutable=["intermediates"]))
+    _, sown = apply(variables, np.asarray(inputs, np.float32))
+    layers = {name: np.asarray(value[0], np.float32) for name, value in sown["intermediates"].items()}
+    stage_number = lambda name: int(name[len("stage"):]) if name[len("stage"):].isdigit() else 10**6
+    order = sorted(layers, key=lambda name: (name != "stem", stage_number(name), name))
+    return {name: layers[name] for name in order}
+
+
+def _first_of_each_class(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the first example of the first `count` classes present (varied rows)."""
+    _, first = np.unique(labels, return_index=True)
+    chosen = np.sort(first)[:count]
+    if len(chosen) < count:  # fewer classes than rows: top up in dataset order
+        rest = np.setdiff1d(np.arange(len(labels)), chosen)[: count - len(chosen)]
+        chosen = np.concatenate([chosen, rest])
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------
+# The report.
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def _markdown(metrics: dict, flat_config: dict, files: dict[str, str]) -> str:
+    ck, split = metrics["checkpoint"], metrics["split"]
+    lines = [
+        f"# {metrics['model']} on {metrics['dataset']}: {split['name']} split",
+        "",
+        f"Run `{metrics['workdir']}`, checkpoint at step {ck['step']} ({ck['requested']}"
+        + (f"; {ck['note']}" if ck.get("note") else "") + f"), split `{split['spec']}` "
+        f"({metrics['num_examples']:,} images), evaluated {metrics['evaluated_at']} on {metrics['devices']}.",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| top-1 error | {_percent(metrics['error'])} |",
+        f"| top-{metrics['top5_k']} error | {_percent(metrics['top5_error'])} |",
+        f"| top-1 accuracy | {_percent(metrics['accuracy'])} |",
+        f"| loss (cross-entropy) | {metrics['loss']:.4f} |",
+        f"| macro F1 | {metrics['macro_avg']['f1']:.4f} |",
+        f"| weighted F1 | {metrics['weighted_avg']['f1']:.4f} |",
+        f"| examples | {metrics['num_examples']:,} |",
+    ]
+    if metrics.get("recorded_error") is not None:
+        lines.append(f"| top-1 error logged by training at step {ck['step']} "
+                     f"| {_percent(metrics['recorded_error'])} |")
+    lines += ["", "## Per class", ""]
+    per_class = metrics["per_class"]
+    if len(per_class) > 30:  # 1000 ImageNet rows would bury the rest; metrics.json has them all
+        per_class = sorted(per_class, key=lambda c: (c["f1"], c["index"]))[:20]
+        lines += [f"The 20 classes with the lowest F1 of {metrics['num_classes']} (all in `metrics.json`).", ""]
+    lines += ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    row = lambda name, c: (f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
+                           f"| {c['support']:,} |")
+    lines += [row(c["class"], c) for c in per_class]
+    lines += [row("**macro avg**", metrics["macro_avg"]), row("**weighted avg**", metrics["weighted_avg"])]
+    captions = {
+        "confusion_matrix": ("Confusion matrix", "Rows are true classes, columns predictions; colour is the "
+                             "fraction of each true class, numbers are counts."),
+        "mistakes": ("Most confident mistakes", "The misclassified images the model was surest about, "
+                     "surest first, with the probability it gave its (wrong) prediction."),
+        "activations": ("Feature maps", "Inputs, then for the stem and each stage the channel mean and the "
+                        "most active channels."),
+        "curves": ("Training curves", "Loss and top-1 error from `metrics.jsonl`."),
+    }
+    for key, (title, caption) in captions.items():
+        lines += ["", f"## {title}", "", caption, "", f"![{title.lower()}]({files[key]})"]
+    sections = (("Model", "model."), ("Data", "data."), ("Training", "train."), ("Optimiser", "optim."),
+                ("Parallelism", "parallel."))
+    lines += ["", "## Run configuration (`config.json`)"]
+    for title, prefix in sections:
+        items = sorted((k, v) for k, v in flat_config.items() if k.startswith(prefix))
+        if items:
+            lines += ["", f"**{title}**", "", "| key | value |", "|---|---|"]
+            lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in items]
+    return "\n".join(lines) + "\n"
+
+
+def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
+           out_dir: str | None = None) -> dict[str, Any]:
+    """Restores a run and writes its report (metrics.json, PNGs, report.md).
+
+    Args:
+      workdir: the run's directory (config.json, checkpoints/, metrics.jsonl).
+      split: a name from the run's data.eval_splits ("test"), or any split spec of its
+        dataset ("train[:1000]").
+      checkpoint: "best" (the step recorded as best; the latest if none), "latest" (the
+        newest readable checkpoint) or a step number.
+      out_dir: where to write; default `workdir/report`.
+
+    Returns:
+      The contents of metrics.json: `metrics.classification_report` (loss, accuracy, error,
+      top5_error, per_class, macro_avg, weighted_avg, confusion_matrix, ...) plus
+      "checkpoint" ({"requested", "step", "note"}), "split" ({"name", "spec"}),
+      "recorded_error" (the error training logged for this split and step, if any),
+      "model", "dataset", "workdir", "devices", "evaluated_at" and "files".
+
+    Raises:
+      UserError: no run, no checkpoint, an unknown split or step.
+    """
+    workdir = os.path.expanduser(workdir)
+    config = load_config(workdir)
+    which = parse_checkpoint(checkpoint)
+    saved = _saved_steps(workdir)
+    if not saved:
+        raise UserError(f"no checkpoints in {_checkpoint_dir(workdir)}: the run has not saved one yet")
+    if isinstance(which, int) and which not in saved:
+        raise UserError(f"no checkpoint at step {which} in {_checkpoint_dir(workdir)}; have {saved}")
+    split_name, spec = resolve_split(config, split)
+    data = config.data
+
+    arrays = None
+    if data.pipeline == "device":  # a bad split fails here, before anything is compiled
+        try:
+            arrays = sources.load_split(data, spec)
+        except UserError as error:
+            eval_names = ", ".join(config_lib.parse_splits(data.eval_splits)) or "none"
+            reason = str(error)
+            prefix = f"unknown split {spec!r}; "
+            if reason.startswith(prefix):
+                raise UserError(f"unknown split {spec!r}: not one of this run's eval splits ({eval_names}) nor a "
+                                f"split of {data.name} ({reason[len(prefix):]})") from None
+            raise
+    else:
+        from resnet_jax.data import stream
+
+        try:
+            stream.num_examples(data.name, spec, data.data_dir)
+        except UserError as error:
+            eval_names = ", ".join(config_lib.parse_splits(data.eval_splits)) or "none"
+            raise UserError(f"{error} (this run's eval splits: {eval_names})") from None
+
+    from resnet_jax import figures, metrics as metrics_lib, reporting
+    from resnet_jax.train import Trainer, create_train_state
+
+    parallel = Parallel(config.parallel.backend)
+    trainer = Trainer(config, parallel)
+    checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+    try:
+        target, note = _choose_step(checkpoints, which)
+        # The layout of Trainer.init_state() without running (or compiling) the initialiser.
+        abstract = jax.eval_shape(lambda: create_train_state(
+            trainer.eval_model, trainer.tx, config.train.seed, tuple(trainer.image_shape)))
+        restored = checkpoints.restore(abstract_like(abstract, parallel.replicated), target)
+    finally:
+        checkpoints.close()
+    if restored is None:  # steps vanished between the listing and now
+        raise UserError(f"no checkpoints in {checkpoints.directory}")
+    global_state, _, step = restored
+    state = parallel.from_global(global_state)
+    if note:
+        _note(note)
+
+    names = class_names(data)
+    if arrays is not None:
+        # The training split's statistics, as the trainer computed them.
+        stats = (np.asarray(trainer.host_train.mean), np.asarray(trainer.host_train.std))
+        logits, labels = _device_predictions(trainer, state, arrays, stats)
+        assert len(labels) == len(arrays.labels), "every example is evaluated exactly once"
+        rows = _first_of_each_class(labels, ACTIVATION_IMAGES)
+        display = arrays.images[rows]
+        inputs = (display.astype(np.float32) - stats[0]) / stats[1]
+    else:
+        logits, labels, kept, inputs, to_uint8 = _stream_predictions(trainer, state, spec)
+        display = to_uint8(inputs)
+
+    metrics = metrics_lib.classification_report(labels, logits, names, from_logits=True)
+    records = reporting.read_metrics(workdir)
+    recorded = [r.get("error") for r in records if r.get("split") == split_name and r.get("step") == step]
+    metrics.update(
+        checkpoint={"requested": str(which), "step": int(step), "note": note},
+        split={"name": split_name, "spec": spec},
+        recorded_error=recorded[-1] if recorded else None,
+        model=config.model.name, dataset=data.name, workdir=os.path.abspath(workdir),
+        devices=parallel.describe(),
+        evaluated_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+
+    out_dir = os.path.expanduser(out_dir) if out_dir else os.path.join(workdir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    files = {key: f"{key}.png" for key in ("confusion_matrix", "mistakes", "activations", "curves")}
+    where = f"{config.model.name} on {data.name} {split_name}, step {step}"
+    figures.confusion_matrix_png(np.asarray(metrics["confusion_matrix"]), names,
+                                 os.path.join(out_dir, files["confusion_matrix"]), title=where)
+
+    index, predicted, confidence = metrics_lib.most_confident_mistakes(labels, logits, MAX_MISTAKES,
+                                                                       from_logits=True)
+    if arrays is not None:
+        images = arrays.images[index]
+    elif len(index):
+        images = np.stack([kept.kept[int(i)][1] for i in index])
+    else:
+        images = np.zeros((0, 1, 1, 3), np.uint8)
+    cm = np.asarray(metrics["confusion_matrix"])
+    wrong = int(cm.sum() - np.trace(cm))
+    figures.mistakes_png(images, labels[index], predicted, confidence, names,
+                         os.path.join(out_dir, files["mistakes"]),
+                         title=f"most confident mistakes: {where} ({wrong:,} of {len(labels):,} misclassified)")
+
+    figures.activations_png(display, _activations(trainer, state, inputs),
+                            os.path.join(out_dir, files["activations"]),
+                            max_images=ACTIVATION_IMAGES, title=f"feature maps: {where}")
+    figures.curves_png(records, os.path.join(out_dir, files["curves"]),
+                       title=f"training curves: {config.model.name} on {data.name}")
+
+    metrics["files"] = dict(files, metrics="metrics.json", report="report.md")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(_markdown(metrics, _read_flat(workdir), files))
+    metrics["out_dir"] = os.path.abspath(out_dir)
+    if jax.process_index() == 0:
+        logged = metrics["recorded_error"]
+        print(f"{where} ({metrics['num_examples']:,} images, {parallel.describe()}): "
+              f"loss {metrics['loss']:.4f}, top-1 error {_percent(metrics['error'])}, "
+              f"top-{metrics['top5_k']} error {_percent(metrics['top5_error'])}"
+              + (f" (training logged {_percent(logged)})" if logged is not None else ""), flush=True)
+        print(f"report: {os.path.join(out_dir, 'report.md')}", flush=True)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a UserError (one line) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _parser(prog: str) -> _Parser:
+    parser = _Parser(prog=prog, description="Evaluate a trained run and write DIR/report/.")
+    parser.add_argument("--workdir", required=True, help="the run's directory")
+    parser.add_argument("--split", default="test",
+                        help="a name from the run's data.eval_splits (test) or a split spec (train[:1000])")
+    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
+    parser.add_argument("--out_dir", default=None, help="where to write (default DIR/report)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python -m resnet_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best]`.
+
+    Args:
+      argv: [prog, *arguments] (sys.argv by default).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    launched_as = os.path.basename(argv[0]) if argv else ""
+    prog = "resnet-jax evaluate" if launched_as == "resnet-jax" else "python -m resnet_jax.evaluate"
+    try:
+        args = _parser(prog).parse_args(argv[1:])
+        report(args.workdir, args.split, args.checkpoint, args.out_dir)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The streamed input pipeline (grain over TFDS ArrayRecord) on a tiny ImageNet-like dataset."""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax.config import default_config
+from resnet_jax.data import stream
+from resnet_jax.errors import UserError
+
+# The smallest and largest ImageNet-normalised values: (0 - mean) / std and (255 - mean) / std.
+LOW = float(np.min(-stream.IMAGENET_MEAN / stream.IMAGENET_STD))
+HIGH = float(np.max((255 - stream.IMAGENET_MEAN) / stream.IMAGENET_STD))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The tiny dataset, prepared once as ArrayRecord (preparing imports TensorFlow; fine here)."""
+    try:  # tests/ on sys.path (pytest's default "prepend" import mode, no tests/__init__.py)
+        import tiny_imagenet_builder
+    except ImportError:  # tests/ is a package
+        from tests import tiny_imagenet_builder
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    tiny_imagenet_builder.prepare_tiny(path)
+    return path
+
+
+@pytest.fixture
+def make(data_dir):
+    """make(split, train=..., batch=..., seed=..., **data overrides) -> StreamIterator."""
+    iterators = []
+
+    def _make(split="train", *, train=True, batch=8, seed=0, process_index=0, process_count=1,
+              **data):
+        config = default_config()
+        config.data.update(dict(name="tiny_imagenet_like", data_dir=data_dir, image_size=32,
+                                eval_resize=36, normalization="imagenet", workers=0))
+        config.data.update(data)
+        iterator = stream.make_stream(config, split, train=train, global_batch_size=batch,
+                                      seed=seed, process_index=process_index,
+                                      process_count=process_count, extra_keys=("id",))
+        iterators.append(iterator)
+        return iterator
+
+    yield _make
+    for iterator in iterators:
+        iterator.close()
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_shapes_dtypes_and_value_ranges(make):
+    for train in (True, False):
+        batch = next(make("train" if train else "validation", train=train, image_size=224,
+                          eval_resize=256))
+        assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+        assert batch["mask"].dtype == np.float32 and np.all(batch["mask"] == 1)
+        assert LOW - 1e-4 <= batch["image"].min() < -1 and 2 < batch["image"].max() <= HIGH + 1e-4
+        assert set(batch["label"]) <= set(range(5))
+    unit = next(make(normalization="none"))["image"]
+    assert 0 <= unit.min() and unit.max() <= 1 and unit.max() > 0.9
+
+
+def test_eval_transform_is_resize_then_center_crop(make, data_dir):
+    """Row i of the eval stream is record i: shorter side to 36, center 32x32, as torchvision."""
+    import tensorflow_datasets as tfds
+
+    raw = tfds.data_source("tiny_imagenet_like", split="validation", data_dir=data_dir,
+                           decoders={"image": tfds.decode.SkipDecoding()})
+    batch = next(make("validation", train=False, normalization="none"))
+    for row in range(8):
+        image = Image.open(io.BytesIO(raw[row]["image"])).convert("RGB")
+        scale = 36 / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             Image.BILINEAR)
+        left, top = round((image.width - 32) / 2), round((image.height - 32) / 2)
+        expected = np.asarray(image.crop((left, top, left + 32, top + 32)), np.float32) / 255
+        assert np.abs(batch["image"][row] - expected).mean() < 0.03
+        assert batch["id"][row] == raw[row]["id"] and batch["label"][row] == raw[row]["label"]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(make):
+    first = take(make(seed=3), 5)
+    assert_same(first, take(make(seed=3), 5))
+    other = take(make(seed=4), 5)
+    assert not np.array_equal(first[0]["id"], other[0]["id"])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_worker_processes_give_the_same_batches(make):
+    assert_same(take(make(), 6), take(make(workers=2), 6))
+
+
+def test_epochs_are_permutations_reshuffled_each_epoch(make):
+    iterator = make()  # 37 examples, batch 8: 4 batches an epoch, 5 examples dropped
+    assert iterator.steps_per_epoch == 4 and iterator.num_batches is None
+    epochs = [np.concatenate([b["id"] for b in take(iterator, 4)]) for _ in range(3)]
+    for ids in epochs:
+        assert len(set(ids)) == 32 and set(ids) <= set(range(37))
+    assert not np.array_equal(epochs[0], epochs[1])
+    # The same record is cropped afresh each epoch (batch 37 = one whole epoch a batch).
+    crops = [b["image"][b["id"] == 0][0] for b in take(make(batch=37), 2)]
+    assert not np.array_equal(*crops)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(make, workers):
+    """Stop after 3 batches, restore in a new iterator; the epoch boundary (4) is crossed."""
+    uninterrupted = take(make(), 9)
+    interrupted = make(workers=workers)
+    take(interrupted, 3)
+    state = json.loads(json.dumps(interrupted.get_state()))  # what ocp.args.JsonSave stores
+    interrupted.close()
+    resumed = make(workers=workers)
+    resumed.set_state(state)
+    assert_same(uninterrupted[3:], take(resumed, 6))
+
+
+def test_state_of_another_stream_is_refused(make):
+    state = make(seed=1).get_state()
+    with pytest.raises(UserError, match="different stream"):
+        make(seed=2).set_state(state)
+
+
+def test_eval_covers_every_example_once_in_order(make, data_dir):
+    iterator = make("validation", train=False, batch=10)
+    batches = list(iterator)
+    assert len(batches) == iterator.num_batches == 3  # 23 examples: 10 + 10 + 3 and 7 padding
+    ids = np.concatenate([b["id"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert mask.sum() == 23 == stream.num_examples("tiny_imagenet_like", "validation", data_dir)
+    assert np.all(mask[:23] == 1) and np.all(mask[23:] == 0)
+    assert sorted(ids[:23]) == list(range(1000, 1023))
+    np.testing.assert_array_equal(labels[:23], (ids[:23] - 1000) % 5)  # the builder's labels
+    assert np.all(batches[-1]["image"][3:] == 0) and all(b["image"].shape[0] == 10 for b in batches)
+    with pytest.raises(StopIteration):
+        next(iterator)
+
+
+def test_two_hosts_eval_shards_are_disjoint_and_cover_the_split(make):
+    hosts = [list(make("validation", train=False, batch=10, process_index=p, process_count=2))
+             for p in (0, 1)]
+    assert len(hosts[0]) == len(hosts[1]) == 3  # equal batch counts: no host waits on another
+    ids = [np.concatenate([b["id"][b["mask"] == 1] for b in host]) for host in hosts]
+    assert all(b["image"].shape[0] == 5 for host in hosts for b in host)
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(np.concatenate(ids)) == list(range(1000, 1023))
+
+
+def test_two_hosts_train_split_each_global_batch(make):
+    """Host p gets rows [p*L, (p+1)*L) of the one-host global batch, crops included."""
+    single = take(make(batch=8), 5)
+    halves = [take(make(batch=8, process_index=p, process_count=2), 5) for p in (0, 1)]
+    for step, whole in enumerate(single):
+        for key in whole:
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[key])
+
+
+def test_random_resized_crop_boxes():
+    rng = np.random.default_rng(0)
+    for width, height in [(400, 350), (40, 60), (32, 32)]:
+        for _ in range(200):
+            left, top, w, h = stream._random_resized_crop(width, height, rng)
+            assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+            assert w * h >= 0.08 * width * height * 0.9
+    # Too elongated for any 3/4..4/3 crop of 8 %+ area: the fallback center crop.
+    assert stream._random_resized_crop(1000, 10, rng) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+def test_bad_input_is_a_user_error(make, data_dir):
+    with pytest.raises(UserError, match="normalization"):
+        make(normalization="per_pixel_mean")
+    with pytest.raises(UserError, match="cannot read TFDS"):
+        make(name="not_prepared_here")
+    with pytest.raises(UserError, match="fewer than one batch"):
+        make(batch=64)
+
+
+def test_measure_throughput(data_dir):
+    config = default_config()
+    config.data.update(dict(name="tiny_imagenet_like", data_dir=data_dir, image_size=64,
+                            normalization="imagenet", workers=0))
+    result = stream.measure_throughput(config, "train", batch_size=8, num_batches=3)
+    assert result["images_per_s"] > 0 and result["images_per_s_per_worker"] == result["images_per_s"]
+
+
+def test_reading_never_imports_tensorflow(data_dir):
+    """A fresh process that only reads a prepared dataset must not load TensorFlow."""
+    script = textwrap.dedent(f"""
+        import sys
+        from resnet_jax.config import default_config
+        from resnet_jax.data import stream
+
+        config = default_config()
+        config.data.update(dict(name="tiny_imagenet_like", data_dir={data_dir!r},
+                                image_size=32, eval_resize=36, normalization="imagenet"))
+        assert stream.num_examples("tiny_imagenet_like", "train", {data_dir!r}) == 37
+        train = stream.make_stream(config, "train", train=True, global_batch_size=8, seed=0)
+        for _ in range(6):
+            next(train)
+        assert sum(b["mask"].sum() for b in stream.make_stream(
+            config, "validation", train=False, global_batch_size=8, seed=0)) == 23
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras"))
+        assert not loaded, loaded
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_prepare_is_a_no_op_when_prepared(data_dir):
+    stream.prepare("tiny_imagenet_like", data_dir)  # the builder is registered by the fixture
+    assert stream.num_examples("tiny_imagenet_like", "train[:10]", data_dir) == 10
