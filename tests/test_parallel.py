@@ -1,0 +1,145 @@
+"""Data parallelism (issue 4), on fake CPU devices in subprocesses."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from helpers import ROOT, max_abs_diff, restore_state, run_main, tiny_config
+from one_step_probe import fixed_batch
+from resnet_jax import optim, train
+
+TIGHT = 2e-5  # float32 reassociation across devices; a wrong batch or BN would be ~1e-2
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """20 steps of the same run on 1 device, on 4 under shard_map and on 4 under pmap."""
+    base = tmp_path_factory.mktemp("parallel")
+    out = {}
+    for name, devices, backend in (("one", 1, "shard_map"), ("four", 4, "shard_map"), ("four_pmap", 4, "pmap")):
+        result = run_main(base / name, {"parallel.backend": backend}, devices=devices)
+        assert f"{devices} cpu device(s) on 1 host(s), {backend}" in result.stdout
+        out[name] = restore_state(base / name)[0]
+    return out
+
+
+def test_four_devices_match_one_under_shard_map(runs):
+    assert max_abs_diff(runs["one"].params, runs["four"].params) < TIGHT
+    assert max_abs_diff(runs["one"].batch_stats, runs["four"].batch_stats) < TIGHT
+
+
+def test_pmap_matches_one_device_and_shard_map(runs):
+    assert max_abs_diff(runs["one"].params, runs["four_pmap"].params) < TIGHT
+    assert max_abs_diff(runs["four"].params, runs["four_pmap"].params) < TIGHT
+
+
+def test_runs_really_trained(runs):
+    fresh = jax.device_get(train.Trainer(tiny_config(), __import__("resnet_jax.parallel").parallel.Parallel()).init_state())
+    assert max_abs_diff(fresh.params, runs["one"].params) > 1e-2  # the comparison above means something
+
+
+def _probe(tmp_path, devices, backend, bn_sync):
+    out = tmp_path / f"{backend}_{devices}_{bn_sync}.npz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "one_step_probe.py"), backend, str(int(bn_sync)), str(out)],
+                   env=_env(devices), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_per_device_bn_normalises_each_quarter(tmp_path, backend):
+    """bn_sync=False on 4 devices == a hand-written reference: each quarter of the batch
+    normalised on its own, gradients averaged, running statistics averaged."""
+    probed = _probe(tmp_path, 4, backend, bn_sync=False)
+    config = tiny_config(**{"model.bn_sync": False})
+    trainer = train.Trainer(config, __import__("resnet_jax.parallel").parallel.Parallel())
+    state = jax.device_get(trainer.init_state())
+    model = train.build_model(config)  # no BN axis: each apply sees one quarter only
+    batch = fixed_batch()
+
+    def quarter_loss(params, images, labels):
+        logits, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                      mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updated["batch_stats"]
+
+    grads, stats = [], []
+    for q in range(4):
+        part = slice(8 * q, 8 * (q + 1))
+        (_, new_stats), g = jax.value_and_grad(quarter_loss, has_aux=True)(
+            state.params, batch["image"][part], batch["label"][part])
+        grads.append(g)
+        stats.append(new_stats)
+    mean = lambda trees: jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
+    updates, _ = trainer.tx.update(mean(grads), state.opt_state, state.params)
+    expected = (optax.apply_updates(state.params, updates), mean(stats))
+    got = [probed[k] for k in sorted(probed) if k.startswith("after")]
+    want = [np.asarray(leaf) for _, leaf in sorted(
+        (("after" + jax.tree_util.keystr(p)), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(expected))]
+    assert len(got) == len(want) and max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < 1e-5
+    # ... and differs from sync BN, which normalises over all 32 images.
+    synced = _probe(tmp_path, 4, backend, bn_sync=True)
+    assert max(float(np.abs(synced[k] - probed[k]).max()) for k in probed if k.startswith("after")) > 1e-4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+    """jax.distributed on localhost (CPU collectives), 2 processes x 2 devices. Gloo sums in
+    another order than one process does; at a small learning rate that float noise stays
+    small instead of being amplified step after step."""
+    gentle = {"optim.lr": 0.01}
+    run_main(tmp_path / "one_host", gentle, devices=4)
+    port = _free_port()
+    workdir = tmp_path / "two_hosts"
+    base = [sys.executable, "-m", "resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8",
+            f"--workdir={workdir}", f"--coordinator=localhost:{port}", "--num_processes=2"]
+    from helpers import cli_args
+
+    procs = [subprocess.Popen(base + [f"--process_id={i}"] + cli_args(gentle), env=_env(2), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    assert "4 cpu device(s) on 2 host(s)" in outputs[0][0]
+    assert "done:" in outputs[0][0] and "done:" not in outputs[1][0]  # only process 0 reports
+    two_hosts, step = restore_state(workdir)
+    assert step == 20
+    one_host, _ = restore_state(tmp_path / "one_host")
+    assert max_abs_diff(two_hosts.params, one_host.params) < 1e-4
+
+
+def test_checkpoint_from_four_devices_resumes_on_one_and_two(tmp_path):
+    constant = {"optim.schedule": "constant", "train.checkpoint_every": 5}
+    run_main(tmp_path / "straight", constant, devices=4)
+    run_main(tmp_path / "half", {**constant, "train.total_steps": 10}, devices=4)
+    for devices in (1, 2):
+        workdir = tmp_path / f"resumed_on_{devices}"
+        shutil.copytree(tmp_path / "half", workdir)
+        result = run_main(workdir, constant, devices=devices)
+        assert f"{devices} cpu device(s)" in result.stdout and "resuming at step 10" in result.stdout
+        resumed, step = restore_state(workdir)
+        straight, _ = restore_state(tmp_path / "straight")
+        assert step == 20 and max_abs_diff(resumed.params, straight.params) < TIGHT
+
+
+def test_indivisible_batch_is_one_line_exit_2(tmp_path):
+    result = run_main(tmp_path / "run", {"train.batch_size": 30}, devices=4, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: train.batch_size=30 does not divide over 4 devices; "
+                                     "use a multiple of 4")
