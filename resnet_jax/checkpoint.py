@@ -9,6 +9,7 @@ with a warning in favour of the one before it.
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -70,21 +71,40 @@ class Checkpoints:
         steps = self.steps()
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
+        unreadable = []
         for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
             try:
                 restored = self.manager.restore(candidate, args=args)
-                return restored.state, restored.meta, candidate
             except Exception as error:  # corrupt or partial: Orbax raises many kinds
                 _warn(f"checkpoint {candidate} in {self.directory} is unreadable "
                       f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
                       "trying the one before")
+                unreadable.append(candidate)
+                continue
+            if step is None:
+                self._set_aside(unreadable)
+            return restored.state, restored.meta, candidate
         if steps:
             raise UserError(
                 f"no readable checkpoint in {self.directory} (steps {steps}); move it away or set "
                 "--config.overwrite=True to start over"
             )
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable steps newer than the one resumed to `corrupt_checkpoints/`, so
+        the run can write those steps again; nothing is deleted."""
+        if not steps or jax.process_index() != 0:
+            return
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            target = os.path.join(aside, f"{step}_{int(time.time())}")
+            os.rename(source, target)
+            _warn(f"moved unreadable checkpoint {step} to {target}")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

@@ -1,0 +1,182 @@
+"""experiments/: the degradation pipeline end to end, resuming it, the gradient-flow probe, bad flags.
+
+The degradation test runs the real command (`--schedule=smoke --depths=8`: plain-8 and
+ResNet-8, 8 steps each on random 16x16 images) in a subprocess, stops it with SIGTERM as
+soon as the first run has finished, runs it again, and checks from the files alone that the
+finished run was not touched while the second one was completed and reported. About a
+minute on a 2-core CPU; the gradient-flow test about 30 s.
+"""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+
+from experiments import degradation, skip_ablation
+from resnet_jax import figures, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"experiments.{module}", *args]
+
+
+def _snapshot(folder) -> dict[str, tuple[int, str]]:
+    """relative path -> (mtime_ns, sha256) of every file under `folder`."""
+    out = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = (os.stat(path).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def _assert_png(path) -> np.ndarray:
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image[..., :3].std()) > 0.01, "blank image"
+    return image
+
+
+def test_degradation_smoke_end_to_end_and_resume(tmp_path):
+    workdir = tmp_path / "degradation"
+    command = _command("degradation", f"--workdir={workdir}", "--schedule=smoke", "--depths=8")
+    first_done = workdir / "plain8_seed0" / "done.json"
+
+    # Stop the experiment once its first run (plain8_seed0) is finished.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not first_done.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first_done.exists(), process.communicate(timeout=60)[0] if process.poll() is not None else "timed out"
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0, f"the experiment finished before it could be stopped:\n{output}"
+    assert not (workdir / "resnet8_seed0" / "done.json").exists()
+    assert not (workdir / "results.json").exists()
+    before = _snapshot(workdir / "plain8_seed0")
+    assert {"done.json", "metrics.jsonl", "config.json"} <= set(before)
+    assert any(path.startswith("checkpoints") for path in before)
+
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "plain8_seed0: finished earlier (step 8), skipping" in rerun.stdout
+    assert "plain8 on cifar10" not in rerun.stdout  # train_and_evaluate never started for it
+    assert "resnet8 on cifar10" in rerun.stdout
+    assert _snapshot(workdir / "plain8_seed0") == before
+
+    rows = json.loads((workdir / "results.json").read_text())
+    assert sorted((r["type"], r["depth"], r["seed"]) for r in rows) == [("plain", 8, 0), ("resnet", 8, 0)]
+    for row in rows:
+        assert row["steps"] == row["total_steps"] == 8
+        assert 0 <= row["train_error"] <= 1 and 0 <= row["test_error"] <= 1
+        assert row["test_examples"] == degradation.SCHEDULES["smoke"].synthetic_examples
+        assert os.path.isdir(row["workdir"]) and row["workdir"].endswith(f"{row['type']}8_seed0")
+        # The final test error is the last evaluation in the run's metrics.jsonl.
+        records = [json.loads(line) for line in open(os.path.join(row["workdir"], "metrics.jsonl"))]
+        last_eval = [r for r in records if r["split"] == "test"][-1]
+        assert last_eval["step"] == 8 and last_eval["error"] == pytest.approx(row["test_error"])
+
+    _assert_png(workdir / "fig6.png")
+    table = (workdir / "table.md").read_text()
+    for text in ("| plain-8 | 8 | 1 | 8 |", "| ResNet-8 | 8 | 1 | 8 |", "`smoke`", "--depths=8", "At depth 8"):
+        assert text in table
+
+
+def test_bad_flags_are_one_line_and_exit_2(tmp_path):
+    for command, expected in (
+        (_command("degradation", f"--workdir={tmp_path}", "--depths=20,21"), "error: --depths: '21' is not a CIFAR depth"),
+        (_command("degradation", f"--workdir={tmp_path}", "--schedule=fast"), "error: argument --schedule"),
+        (_command("degradation", f"--workdir={tmp_path}", "--data=npz:/no/such.npz"), "error: --data: file not found"),
+        (_command("skip_ablation", f"--workdir={tmp_path}", "--study=shortcut,dropout"), "error: --study: unknown dropout"),
+    ):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
+        assert result.stdout == ""
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_depth_and_data_parsing():
+    short = degradation.SCHEDULES["short"]
+    assert degradation.parse_depths("56,20,20", short) == [20, 56]
+    assert degradation.parse_depths(None, short) == list(short.depths)
+    for bad in ("21", "2", "x", "20,"):
+        with pytest.raises(degradation.UsageError):
+            degradation.parse_depths(bad, short)
+    assert degradation.parse_data(None, degradation.SCHEDULES["smoke"]).kind == "synthetic"
+    config = degradation.make_config("plain110", 3, short, degradation.DataSpec("synthetic"))
+    assert (config.train.total_steps, config.train.batch_size, config.train.seed) == (480, 32, 3)
+    assert config.model.name == "plain110" and config.model.family == "cifar"
+    # ResNet-110's 400-of-64k-step warm-up keeps its proportion (and stays below total_steps).
+    assert config.optim.warmup_steps == 3 and config.optim.warmup_lr == pytest.approx(0.0025)
+
+
+def test_network_order_is_numeric():
+    paths = [("stage1_block10", "conv1"), ("stage2_block1", "proj_conv"), ("stage1_block2", "conv2"),
+             ("stage2_block1", "conv1"), ("stem_conv",), ("stage1_block2", "conv1")]
+    assert sorted(paths, key=skip_ablation.network_order) == [
+        ("stem_conv",), ("stage1_block2", "conv1"), ("stage1_block2", "conv2"), ("stage1_block10", "conv1"),
+        ("stage2_block1", "conv1"), ("stage2_block1", "proj_conv")]
+
+
+def _conv_kernels(model_name: str) -> list[str]:
+    model = models.create(model_name)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    leaves = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    return ["/".join(k.key for k in path[:-1]) for path, leaf in leaves if path[-1].key == "kernel" and leaf.ndim == 4]
+
+
+def test_gradient_flow_one_finite_value_per_conv(tmp_path):
+    profiles = skip_ablation.gradient_flow(depths=(20,), batch=8)
+    assert [(p["name"], p["skip"], p["depth"]) for p in profiles] == [("plain-20", False, 20), ("ResNet-20", True, 20)]
+    expected_order = ["stem_conv"] + [f"stage{s}_block{b}/conv{c}" for s in (1, 2, 3) for b in (1, 2, 3) for c in (1, 2)]
+    for profile in profiles:
+        kernels = _conv_kernels(f"{'resnet' if profile['skip'] else 'plain'}20")
+        assert len(kernels) == 19 and sorted(kernels) == sorted(expected_order)
+        assert profile["layers"] == expected_order  # network order, input side first
+        for key in ("grad_norms", "activation_scales"):
+            values = np.asarray(profile[key])
+            assert values.shape == (19,) and np.all(np.isfinite(values)) and np.all(values > 0), (key, values)
+        assert math.isfinite(profile["loss"]) and 1.0 < profile["loss"] < 5.0  # ~ln 10 at init
+    # Same images, same init: the stem sees identical inputs in both nets.
+    assert profiles[0]["grad_norms"] != profiles[1]["grad_norms"]
+    assert profiles[0]["activation_scales"][0] == pytest.approx(profiles[1]["activation_scales"][0], rel=1e-5)
+    _assert_png(figures.gradient_flow_png(profiles, tmp_path / "gradient_flow.png"))
+
+
+def test_gradient_profile_matches_direct_gradients():
+    """The probe's numbers against jax.grad and a hand-written first convolution (ResNet-8)."""
+    import optax
+
+    images, labels = skip_ablation.probe_batch(None, 4)
+    profile = skip_ablation.gradient_profile("resnet8", images, labels, seed=1)
+    model = models.create("resnet8")
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False))()
+
+    def loss_fn(params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                                mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads = jax.jit(jax.grad(loss_fn))(variables["params"])
+    direct = [float(jnp.linalg.norm(grads[p[0]]["kernel"] if len(p) == 1 else grads[p[0]][p[1]]["kernel"]))
+              for p in (layer.split("/") for layer in profile["layers"])]
+    np.testing.assert_allclose(profile["grad_norms"], direct, rtol=1e-4)
+    stem = jax.lax.conv_general_dilated(images, variables["params"]["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert profile["activation_scales"][0] == pytest.approx(float(jnp.std(stem)), rel=1e-4)

@@ -1,0 +1,165 @@
+"""Preemption, exact resume and bad input (issue 8): real signals to real subprocesses,
+really damaged checkpoint files, a really diverging loss."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, cli_args, restore_state, run_main, tree_equal
+
+# Long enough to be interrupted; a constant rate so a run cut short is the same run.
+LONG = {"train.total_steps": 150, "train.checkpoint_every": 10, "train.eval_every": 100, "train.log_every": 10,
+        "optim.schedule": "constant", "train.steps_per_dispatch": 2}
+
+
+def _start(workdir, overrides):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = [sys.executable, "-m", "resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8",
+            f"--workdir={workdir}", *cli_args(overrides)]
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_main(workdir, LONG)
+    return restore_state(workdir)[0]
+
+
+def test_sigterm_checkpoints_and_resumes_bitwise(tmp_path, straight):
+    proc = _start(tmp_path, LONG)
+    _wait_for(tmp_path / "checkpoints" / "20", proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: SIGTERM at step ") and "run the same command again to resume" in last
+    stopped_at = int(last.split("at step ")[1].split(":")[0])
+    assert 20 <= stopped_at < 150
+    _, step = restore_state(tmp_path)
+    assert step == stopped_at  # the checkpoint is exactly where it stopped
+    resumed = run_main(tmp_path, LONG)
+    assert f"resuming at step {stopped_at}" in resumed.stdout
+    final, step = restore_state(tmp_path)
+    assert step == 150 and tree_equal(final, straight)
+
+
+def test_second_signal_exits_at_once_keeping_last_checkpoint(tmp_path):
+    proc = _start(tmp_path, LONG)
+    _wait_for(tmp_path / "checkpoints" / "20", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode in (3, 128 + signal.SIGINT), stderr  # the first may already have finished
+    assert "Traceback" not in stderr
+    _, step = restore_state(tmp_path)  # the newest complete checkpoint still reads
+    assert step >= 20
+
+
+def test_kill_9_then_same_command_resumes_bitwise(tmp_path, straight):
+    proc = _start(tmp_path, LONG)
+    _wait_for(tmp_path / "checkpoints" / "30", proc)
+    proc.kill()
+    proc.communicate()
+    resumed = run_main(tmp_path, LONG)
+    assert "resuming at step" in resumed.stdout
+    final, step = restore_state(tmp_path)
+    assert step == 150 and tree_equal(final, straight)
+
+
+def _truncate_largest_file(directory):
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 3)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
+    short = {**LONG, "train.total_steps": 20}
+    run_main(tmp_path / "straight", short)
+    run_main(tmp_path / "run", short)
+    _truncate_largest_file(tmp_path / "run" / "checkpoints" / "20")
+    again = run_main(tmp_path / "run", short)
+    assert "checkpoint 20" in again.stderr and "unreadable" in again.stderr
+    assert "resuming at step 10" in again.stdout
+    assert (tmp_path / "run" / "corrupt_checkpoints").is_dir()  # set aside, not deleted
+    final, step = restore_state(tmp_path / "run")
+    assert step == 20 and tree_equal(final, restore_state(tmp_path / "straight")[0])
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
+    short = {**LONG, "train.total_steps": 10, "train.checkpoint_every": 5}
+    run_main(tmp_path, short)
+    for step in ("5", "10"):
+        _truncate_largest_file(tmp_path / "checkpoints" / step)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    result = run_main(tmp_path, short, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no readable checkpoint in ")
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing moved or overwritten
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # lr x 1e30 from step 15: the loss overflows within a step or two.
+    exploding = {**LONG, "train.total_steps": 40, "optim.schedule": "multistep", "optim.boundaries_unit": "steps",
+                 "optim.boundaries": "(15,)", "optim.decay_factor": 1e30, "train.steps_per_dispatch": 1,
+                 "train.log_every": 40}
+    result = run_main(tmp_path, exploding, check=False)
+    assert result.returncode == 4, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss or gradient at step ")
+    bad_step = int(last.split("at step ")[1].split(";")[0])
+    assert 15 <= bad_step < 20
+    state, step = restore_state(tmp_path)
+    assert step == 10  # the good checkpoint, and nothing written after the blow-up
+    assert all(__import__("numpy").isfinite(x).all() for x in __import__("jax").tree.leaves(state.params))
+
+
+def test_incompatible_config_is_refused_showing_the_difference(tmp_path):
+    short = {**LONG, "train.total_steps": 10}
+    run_main(tmp_path, short)
+    other = run_main(tmp_path, {**short, "model.name": "resnet14"}, check=False)
+    assert other.returncode == 2
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds a different run" in lines[0] and "model.name: 'resnet8' -> 'resnet14'" in lines[0]
+    fresh = run_main(tmp_path, {**short, "model.name": "resnet14", "overwrite": True})
+    assert "from scratch" in fresh.stdout
+    assert '"model.name": "resnet14"' in (tmp_path / "config.json").read_text()
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_main(blocker / "run", {}, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: workdir {blocker / 'run'} is not writable")
+    if os.geteuid() != 0:  # root writes anywhere: only a non-root user can see chmod bite
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        result = run_main(locked / "run", {}, check=False)
+        assert result.returncode == 2 and "is not writable" in result.stderr
+
+
+def test_not_enough_disk_space_is_detected_before_training(tmp_path):
+    from helpers import tiny_config
+    from resnet_jax import train
+    from resnet_jax.errors import UserError
+
+    with pytest.raises(UserError, match="not enough disk space"):
+        train.prepare_workdir(tiny_config(), str(tmp_path / "run"), state_bytes=2**62)
+    assert not (tmp_path / "run" / "config.json").exists()
