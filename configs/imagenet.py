@@ -39,7 +39,8 @@ def get_config(arg: str = "resnet50"):
     config.train.log_every = 500
     config.train.checkpoint_every = 5000
     # A reference: overriding --config.train.batch_size rescales the lr with it.
-    config.optim.lr = config.train.get_ref("batch_size") * (0.1 / 256)
+    with config.optim.ignore_type():
+        config.optim.lr = config.train.get_ref("batch_size") * (0.1 / 256)
     if schedule == "cosine":
         config.optim.schedule = "cosine"
         config.optim.warmup_steps = 5 * steps_per_epoch

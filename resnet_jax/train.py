@@ -168,6 +168,7 @@ class Trainer:
             from resnet_jax.data import stream
 
             self.stream = stream
+            sources.prepare_tfds(data.name, data.data_dir)
             self.num_train = stream.num_examples(data.name, data.train_split, data.data_dir)
             self.image_shape = (data.image_size, data.image_size, 3)
         self.steps_per_epoch = self.num_train // train.batch_size

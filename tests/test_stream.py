@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax.config import default_config
-from resnet_jax.data import stream
+from resnet_jax.data import sources, stream
 from resnet_jax.errors import UserError
 
 # The smallest and largest ImageNet-normalised values: (0 - mean) / std and (255 - mean) / std.
@@ -209,7 +209,7 @@ def test_reading_never_imports_tensorflow(data_dir):
     script = textwrap.dedent(f"""
         import sys
         from resnet_jax.config import default_config
-        from resnet_jax.data import stream
+        from resnet_jax.data import sources, stream
 
         config = default_config()
         config.data.update(dict(name="tiny_imagenet_like", data_dir={data_dir!r},
@@ -230,5 +230,5 @@ def test_reading_never_imports_tensorflow(data_dir):
 
 
 def test_prepare_is_a_no_op_when_prepared(data_dir):
-    stream.prepare("tiny_imagenet_like", data_dir)  # the builder is registered by the fixture
+    sources.prepare_tfds("tiny_imagenet_like", data_dir)  # the builder is registered by the fixture
     assert stream.num_examples("tiny_imagenet_like", "train[:10]", data_dir) == 10

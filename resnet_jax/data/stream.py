@@ -41,18 +41,6 @@ NORMALIZATIONS = ("imagenet", "none")
 _INFINITE = sys.maxsize  # grain's range needs a stop; training never reaches it
 
 
-def prepare(name: str, data_dir: str = "") -> None:
-    """Downloads and writes a TFDS dataset as ArrayRecord unless it is already there.
-
-    The only function here that may import TensorFlow (TFDS builders need it to prepare).
-    """
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
-
-
 def _open(name: str, split: str, data_dir: str):
     """The split as a random-access source of records with the image still encoded.
 
@@ -67,7 +55,7 @@ def _open(name: str, split: str, data_dir: str):
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"cannot read TFDS {name!r} split {split!r} from data_dir="
                         f"{data_dir or 'default'!r} as ArrayRecord ({reason}); prepare it first "
-                        "with resnet_jax.data.stream.prepare") from None
+                        "with resnet_jax.data.sources.prepare_tfds") from None
 
 
 def num_examples(name: str, split: str, data_dir: str = "") -> int:

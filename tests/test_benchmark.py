@@ -1,0 +1,39 @@
+"""The benchmark's smoke test (issue 7): it runs and prints a row with a positive rate.
+A smoke test, not a speed assertion: speed targets live in the README's table."""
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "rows.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--model=resnet8", "--batch=8", "--steps=2", "--warmup=1",
+         "--image_size=8", f"--json={out}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert f"RESULT model=resnet8 batch=8" in result.stdout
+    return row
+
+
+def test_synthetic_step_row(tmp_path):
+    row = _run(tmp_path, "--data=synthetic", "--dtype=float32")
+    assert row["images_per_sec"] > 0 and row["ms_per_step"] > 0 and row["device"] == "2x cpu"
+    assert row["tflops_per_sec"] > 0  # XLA's cost analysis counted the step's FLOPs
+
+
+def test_device_end_to_end_row(tmp_path):
+    row = _run(tmp_path, "--data=device", "--dtype=float32", "--steps=20", "--steps_per_dispatch=5")
+    assert row["images_per_sec"] > 0
+
+
+def test_bad_model_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--model=resnet57"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown model 'resnet57'")
