@@ -11,25 +11,21 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    """ResNet-8 on the 8x8 digits: compiles and runs in seconds on CPU.
+# ResNet-8 on the 8x8 digits, shortened: compiles and runs in seconds on CPU.
+TINY = {
+    "train.total_steps": 20, "train.batch_size": 32, "train.eval_batch_size": 120, "train.log_every": 5,
+    "train.eval_every": 10, "train.checkpoint_every": 10, "train.steps_per_dispatch": 5,
+    "train.progress": False, "data.train_split": "train[:512]", "data.eval_splits": "test=test[:120]",
+}
 
-    Overrides use dotted names: tiny_config(**{"train.total_steps": 20}).
-    """
+
+def tiny_config(**overrides):
+    """configs/digits.py:resnet8 with TINY and `overrides` (dotted names) applied:
+    tiny_config(**{"train.total_steps": 40})."""
     from configs import digits
 
     config = digits.get_config("resnet8")
-    config.train.total_steps = 20
-    config.train.batch_size = 32
-    config.train.eval_batch_size = 120
-    config.train.log_every = 5
-    config.train.eval_every = 10
-    config.train.checkpoint_every = 10
-    config.train.steps_per_dispatch = 5
-    config.train.progress = False
-    config.data.train_split = "train[:512]"
-    config.data.eval_splits = "test=test[:120]"
-    for key, value in overrides.items():
+    for key, value in {**TINY, **overrides}.items():
         node = config
         *parents, leaf = key.split(".")
         for parent in parents:
@@ -39,14 +35,8 @@ def tiny_config(**overrides):
 
 
 def cli_args(config_overrides: dict) -> list[str]:
-    """`--config.x=y` flags that turn configs/digits.py into `tiny_config(**overrides)`."""
-    defaults = {
-        "train.total_steps": 20, "train.batch_size": 32, "train.eval_batch_size": 120, "train.log_every": 5,
-        "train.eval_every": 10, "train.checkpoint_every": 10, "train.steps_per_dispatch": 5,
-        "train.progress": False, "data.train_split": "train[:512]", "data.eval_splits": "test=test[:120]",
-    }
-    defaults.update(config_overrides)
-    return [f"--config.{k}={v}" for k, v in defaults.items()]
+    """The `--config.x=y` flags that make configs/digits.py:resnet8 into tiny_config(**overrides)."""
+    return [f"--config.{k}={v}" for k, v in {**TINY, **config_overrides}.items()]
 
 
 def run_main(workdir, overrides: dict | None = None, devices: int = 1, extra_args=(), timeout=600,
