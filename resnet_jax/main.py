@@ -54,17 +54,25 @@ def run(argv) -> None:
         fail(str(stopped), NONFINITE_EXIT)
 
 
+def _load_error(error: Exception) -> str:
+    """ml_collections wraps a config file's own error in lines of context: keep its cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    if last.startswith("\"'") and last.endswith("'\""):  # a KeyError from --config.x.y=...
+        return f"no config field {last[1:-1]} (the fields are in resnet_jax/config.py)"
+    return last
+
+
 def main(argv=None) -> None:
     """Parses flags (user errors -> one line, exit 2) and trains."""
     argv = list(sys.argv if argv is None else argv)
     try:
         rest = FLAGS(argv)
-    except flags.Error as error:
-        fail(str(error).splitlines()[0] if str(error) else "bad flags")
-    except Exception as error:  # a config file or variant that does not load
-        fail(f"{type(error).__name__}: {error}".splitlines()[0])
-    if FLAGS["config"].value is None:
-        fail("--config is required, e.g. --config=configs/cifar.py:resnet56")
+        if FLAGS["config"].value is None:
+            fail("--config is required, e.g. --config=configs/cifar.py:resnet56")
+        FLAGS.config.parallel  # config files load lazily: touch it so a bad one fails here
+    except Exception as error:  # flags, or a config file or variant that does not load
+        fail(f"bad flags: {_load_error(error)}")
     try:
         run(rest)
     except UserError as error:
