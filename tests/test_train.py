@@ -240,3 +240,22 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, overrides, devices, message
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not workdir.exists()  # nothing written
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config=configs/nonexistent.py", "No such file or directory: 'configs/nonexistent.py'"),
+    ("--config=configs/cifar.py:resnet20,cifar7", "unknown CIFAR dataset 'cifar7'"),
+    ("--config.train.no_such_field=3", "no config field 'no_such_field'"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, flag, message):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    args = [sys.executable, "-m", "resnet_jax.main", f"--workdir={tmp_path / 'run'}"]
+    args += [flag] if flag.startswith("--config=") else ["--config=configs/cifar.py", flag]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
