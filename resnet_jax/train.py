@@ -335,9 +335,10 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, state_bytes
         raise UserError(f"not enough disk space in {workdir}: {free / 2**20:.0f} MiB free, checkpoints need "
                         f"about {needed / 2**20:.0f} MiB")
     if config.overwrite:
-        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "report"):
-            path = os.path.join(workdir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        for name in ("checkpoints", "corrupt_checkpoints", "tensorboard", "report"):
+            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            os.remove(os.path.join(workdir, "metrics.jsonl"))
     if jax.process_index() == 0:
         with open(config_path, "w") as f:
             json.dump(new, f, indent=2, sort_keys=True)
