@@ -25,7 +25,6 @@ def get_config(arg: str = "resnet8"):
     config.train.log_every = 100
     config.train.eval_every = 200
     config.train.checkpoint_every = 400
-    config.train.steps_per_dispatch = 20
     config.optim.schedule = "cosine"
     config.optim.lr = 0.1
     config.optim.weight_decay = 5e-4

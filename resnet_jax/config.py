@@ -63,7 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
     train.keep_checkpoints = 3
     train.early_stopping_patience = 0  # in evaluations; 0 = off
     train.early_stopping_split = ""  # "" = the first eval split
-    train.steps_per_dispatch = 1  # >1 scans several steps inside one jitted call
+    # >1 scans several steps inside one jitted call: less dispatch overhead on an accelerator;
+    # on XLA:CPU a scanned step is many times slower, so keep 1 there.
+    train.steps_per_dispatch = 1
     train.seed = 0
     train.progress = True
 

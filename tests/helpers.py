@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ResNet-8 on the 8x8 digits, shortened: compiles and runs in seconds on CPU.
 TINY = {
     "train.total_steps": 20, "train.batch_size": 32, "train.eval_batch_size": 120, "train.log_every": 5,
-    "train.eval_every": 10, "train.checkpoint_every": 10, "train.steps_per_dispatch": 5,
+    "train.eval_every": 10, "train.checkpoint_every": 10, "train.steps_per_dispatch": 1,
     "train.progress": False, "data.train_split": "train[:512]", "data.eval_splits": "test=test[:120]",
 }
 

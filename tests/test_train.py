@@ -159,7 +159,8 @@ def test_weight_decay_mask():
 def test_stop_and_rerun_resumes_bitwise(tmp_path):
     """20 steps straight vs 10 steps, then the same command to 20: identical parameters.
     A constant schedule, so stopping at 10 is the same run cut short."""
-    common = {"optim.schedule": "constant", "train.checkpoint_every": 5}
+    # Chunks of 3 scanned steps plus single steps up to each stop, replayed after the resume.
+    common = {"optim.schedule": "constant", "train.checkpoint_every": 5, "train.steps_per_dispatch": 3}
     run_main(tmp_path / "straight", common)
     first = run_main(tmp_path / "resumed", {**common, "train.total_steps": 10})
     second = run_main(tmp_path / "resumed", common)
