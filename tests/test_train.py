@@ -260,3 +260,12 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, flag, message):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_early_stopping_counts_evaluations(tmp_path):
+    """With a vanishing lr the error cannot improve: patience 2 stops after the 3rd evaluation."""
+    config = tiny_config(**{"train.total_steps": 40, "train.eval_every": 5, "train.early_stopping_patience": 2,
+                            "optim.schedule": "constant", "optim.lr": 1e-12})
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 15
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "test"] == [5, 10, 15]
