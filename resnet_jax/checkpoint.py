@@ -77,9 +77,9 @@ class Checkpoints:
             try:
                 restored = self.manager.restore(candidate, args=args)
             except Exception as error:  # corrupt or partial: Orbax raises many kinds
+                reason = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
                 _warn(f"checkpoint {candidate} in {self.directory} is unreadable "
-                      f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-                      "trying the one before")
+                      f"({type(error).__name__}: {reason}); trying the one before")
                 unreadable.append(candidate)
                 continue
             if step is None:

@@ -23,8 +23,11 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
 
 
 def fail(message: str, code: int = USER_ERROR_EXIT) -> None:
+    """One line on stderr and exit. os._exit: interpreter shutdown would let libraries' leftover
+    threads (Orbax, TensorStore after a failed restore) print their own noise after it."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def initialize_distributed() -> None:

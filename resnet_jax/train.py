@@ -406,7 +406,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prepare_workdir(config, workdir, state_bytes)
     checkpoints = Checkpoints(workdir, train_cfg.keep_checkpoints)
     meta = {"best_error": None, "best_step": None, "evals_since_best": 0, "data_state": None}
-    restored = checkpoints.restore(abstract_like(parallel.to_global(state), parallel.replicated))
+    try:
+        restored = checkpoints.restore(abstract_like(parallel.to_global(state), parallel.replicated))
+    except UserError:
+        checkpoints.close()  # stop Orbax's threads before the one-line exit
+        raise
     if restored:
         global_state, meta, _ = restored
         state = parallel.from_global(global_state)

@@ -110,7 +110,9 @@ def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
     result = run_main(tmp_path, short, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no readable checkpoint in ")
-    assert "Traceback" not in result.stderr
+    # No traceback of ours. (TensorStore's threads may print asyncio "Event loop is closed"
+    # tracebacks of their own while Orbax gives up on a truncated file: a known wart.)
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File") and "resnet_jax" in line]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing moved or overwritten
 
 
