@@ -44,8 +44,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-USER_ERROR_EXIT = 2  # resnet_jax.errors' codes, repeated so that bad flags fail before jax loads
-PREEMPTED_EXIT = 3
+# resnet_jax.errors imports nothing heavy, so bad flags still fail before jax loads.
+from resnet_jax.errors import PREEMPTED_EXIT, USER_ERROR_EXIT  # noqa: E402
 
 # He et al. 2015, Table 6 (CIFAR-10 test error, %, best of 5 runs for 110; "6.61 +- 0.16" is
 # its mean). Plain nets have no table; DESIGN.md reads plain-20 ~9.5 % and plain-56 ~13.5 %
