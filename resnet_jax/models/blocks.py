@@ -42,6 +42,23 @@ def shortcut(
     return x
 
 
+def _dropped(block: nn.Module, x: jnp.ndarray, out_channels: int) -> jnp.ndarray:
+    """A deleted block (Veit et al.'s lesion): its residual branch is taken out, so it
+    outputs act(shortcut(x)), exactly what the block computes when the branch's last BN
+    scale and bias are zero (an option-A or identity shortcut of a ReLU output passes x
+    through unchanged). A plain block has no shortcut: it becomes the identity, which is
+    only possible where it keeps the shape. The branch's parameters are simply not used,
+    so the full model's variables still apply."""
+    if block.skip:
+        return block.act(shortcut(x, out_channels, block.strides, block.shortcut, block.conv, block.norm))
+    if block.strides != 1 or x.shape[-1] != out_channels:
+        raise ValueError(
+            f"cannot delete plain block {block.name}: it changes the shape (stride {block.strides}, "
+            f"{x.shape[-1]} -> {out_channels} channels) and a plain net has no shortcut to replace it"
+        )
+    return x
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34 and every CIFAR ResNet)."""
 
@@ -53,10 +70,13 @@ class BasicBlock(nn.Module):
     shortcut: str = "A"
     skip: bool = True
     zero_init_residual: bool = False
+    dropped: bool = False
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
+        if self.dropped:
+            return _dropped(self, x, self.filters)
         y = self.conv(self.filters, (3, 3), strides=self.strides, name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), name="conv2")(y)
@@ -84,10 +104,13 @@ class Bottleneck(nn.Module):
     skip: bool = True
     zero_init_residual: bool = False
     stride_on: str = "v1.5"
+    dropped: bool = False
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
+        if self.dropped:
+            return _dropped(self, x, self.filters * 4)
         stride_1x1, stride_3x3 = (self.strides, 1) if self.stride_on == "v1" else (1, self.strides)
         y = self.conv(self.filters, (1, 1), strides=stride_1x1, padding="VALID", name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))

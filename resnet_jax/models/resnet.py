@@ -1,6 +1,7 @@
 """The ResNet family: a generic stem / stages / head network and its named variants."""
 
 import functools
+import numbers
 import re
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,11 @@ class ResNet(nn.Module):
       dtype: compute dtype; parameters and BN statistics stay float32.
       bn_axis_name: mapped axis over which BN statistics are averaged (sync BN), or None.
       dropout_rate: dropout before the classifier (0 = none, as in the paper).
+      drop_blocks: blocks to delete (Veit et al.'s lesion study), counted from 0 over all
+        blocks in order (`block_names()`). A deleted residual block becomes its shortcut; a
+        deleted plain block becomes the identity, which only shape-preserving plain blocks
+        can (`deletable_blocks()`). The deleted blocks' parameters are ignored, so the full
+        model's variables apply unchanged.
     """
 
     stage_sizes: Sequence[int]
@@ -52,6 +58,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     dropout_rate: float = 0.0
     act: Callable = nn.relu
+    drop_blocks: Sequence[int] = ()
 
     def __post_init__(self):
         if self.zero_init_residual and not self.skip:
@@ -67,7 +74,39 @@ class ResNet(nn.Module):
             )
         if self.stem not in ("cifar", "imagenet"):
             raise ValueError(f"unknown stem {self.stem!r}; choose from cifar, imagenet")
+        self._check_drop_blocks()
         super().__post_init__()
+
+    def _layout(self) -> list[tuple[str, bool]]:
+        """(name, changes_shape) of every block, in order."""
+        layout, channels = [], self.stem_width
+        for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for block in range(num_blocks):
+                out = width * self.block_cls.expansion
+                strided = stage > 0 and block == 0
+                layout.append((f"stage{stage + 1}_block{block + 1}", strided or channels != out))
+                channels = out
+        return layout
+
+    def block_names(self) -> list[str]:
+        """Every block's name ("stage1_block1", ...); `drop_blocks` indexes this list."""
+        return [name for name, _ in self._layout()]
+
+    def deletable_blocks(self) -> list[int]:
+        """Indices `drop_blocks` accepts: every block of a residual net; a plain net's
+        blocks that keep the shape (a strided or widening plain block has no shortcut)."""
+        return [i for i, (_, changes) in enumerate(self._layout()) if self.skip or not changes]
+
+    def _check_drop_blocks(self) -> None:
+        count, allowed = len(self._layout()), set(self.deletable_blocks())
+        for index in self.drop_blocks:
+            if not isinstance(index, numbers.Integral) or not 0 <= index < count:
+                raise ValueError(f"drop_blocks: {index!r} is not a block index (0 ... {count - 1})")
+            if index not in allowed:
+                raise ValueError(
+                    f"drop_blocks: plain block {index} ({self.block_names()[index]}) changes the shape and "
+                    f"has no shortcut to replace it; deletable: {sorted(allowed)}"
+                )
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -93,6 +132,7 @@ class ResNet(nn.Module):
             x = self.act(norm(name="stem_bn")(x))
         self.sow("intermediates", "stem", x)
 
+        dropped, index = set(self.drop_blocks), 0
         for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(num_blocks):
                 x = self.block_cls(
@@ -104,9 +144,11 @@ class ResNet(nn.Module):
                     shortcut=self.shortcut,
                     skip=self.skip,
                     zero_init_residual=self.zero_init_residual,
+                    dropped=index in dropped,
                     name=f"stage{stage + 1}_block{block + 1}",
                     **block_extra,
                 )(x)
+                index += 1
             self.sow("intermediates", f"stage{stage + 1}", x)
 
         x = jnp.mean(x, axis=(1, 2))
