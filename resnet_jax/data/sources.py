@@ -6,8 +6,12 @@ TFDS slicing (`train[:45000]`, `train[90%:]`) works for every source. Reading ne
 TensorFlow; only `prepare_tfds` (run once per dataset) may.
 """
 
+import logging
 import os
 import re
+import socket
+import sys
+import urllib.parse
 import zlib
 from typing import NamedTuple
 
@@ -79,16 +83,81 @@ def _synthetic(data: ml_collections.ConfigDict, split: str) -> dict[str, Arrays]
     return {name: Arrays(images, labels)}
 
 
+OFFLINE_FIX = "connect to the internet once, or use --config.data.source=npz --config.data.path=FILE"
+
+
 def prepare_tfds(name: str, data_dir: str | None) -> None:
-    """Downloads and prepares a TFDS dataset as ArrayRecord once (this may import TF)."""
+    """Downloads and prepares a TFDS dataset as ArrayRecord once (this may import TF).
+
+    TFDS writes into a temporary directory and renames it when complete, so a download or
+    preparation that was interrupted leaves nothing that `is_prepared()` accepts: the next
+    call simply prepares again.
+
+    Raises:
+      UserError: unknown dataset; no network; a dataset that must be downloaded by hand.
+    """
     import tensorflow_datasets as tfds
 
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" before our line
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as error:  # TFDS raises DatasetNotFoundError with a long listing
         raise UserError(f"unknown TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
-    if not builder.is_prepared():
+    finally:
+        absl_logger.setLevel(level)
+    if builder.is_prepared():
+        return
+    root = data_dir or tfds.core.constants.DATA_DIR
+    instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if instructions:
+        _check_manual_files(name, root, instructions)
+    else:
+        _announce_download(name, builder, root)
+    try:
         builder.download_and_prepare(file_format="array_record")
+    except (OSError, ConnectionError) as error:  # requests' ConnectionError is an OSError
+        raise UserError(f"cannot download {name} ({_first_line(error)}): {OFFLINE_FIX}") from None
+    except AssertionError as error:  # TFDS asserts on a missing or incomplete manual_dir
+        raise UserError(f"cannot prepare {name}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _check_manual_files(name: str, root: str, instructions: str) -> None:
+    """Datasets such as ImageNet cannot be downloaded by TFDS: say where their files go."""
+    manual_dir = os.path.join(os.path.expanduser(root), "downloads", "manual")
+    if os.path.isdir(manual_dir) and os.listdir(manual_dir):
+        return
+    what = " ".join(instructions.split())
+    raise UserError(f"{name} must be downloaded by hand: {what} Put the files in {manual_dir} (set "
+                    f"--config.data.data_dir to choose another root) and run again, or prepare it once with "
+                    f"`tfds build {name} --data_dir={root} --manual_dir={manual_dir} --file_format=array_record`")
+
+
+def _announce_download(name: str, builder, root: str) -> None:
+    """Says once how large the download is and where it goes, then checks the network is
+    there (TFDS alone retries a missing network for minutes before it gives up)."""
+    urls = list(builder.url_infos or {})
+    size = sum(int(info.size or 0) for info in (builder.url_infos or {}).values())
+    shown = f"{size / 2**20:,.0f} MiB" if size else "an unknown size"
+    hosts = sorted({urllib.parse.urlparse(u).hostname for u in urls if u.startswith("http")})
+    print(f"preparing {name} once: downloading {shown} from {', '.join(hosts) or 'its source'} into "
+          f"{os.path.join(root, 'downloads')}, then writing {builder.data_dir}", file=sys.stderr, flush=True)
+    for host in hosts:
+        if not _reachable(host):
+            raise UserError(f"cannot download {name} (cannot reach {host}): {OFFLINE_FIX}")
+
+
+def _reachable(host: str, timeout_s: float = 10.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _tfds(data: ml_collections.ConfigDict, split: str) -> Arrays:
