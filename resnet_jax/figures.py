@@ -590,3 +590,190 @@ def gradient_flow_png(
         ax.legend(fontsize=9, title="solid: residual, dashed: plain", title_fontsize=8)
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- why skips help
+# Loss landscapes (Li et al. 2018) and lesion studies (Veit et al. 2016): experiments/
+# landscape.py and experiments/lesion.py.
+
+
+def _run_style(run: Mapping[str, Any], index: int) -> dict:
+    """Plain nets dashed, residual nets solid (as gradient_flow_png); one colour per run."""
+    return dict(color=f"C{index % 10}", linestyle="-" if run.get("skip", True) else "--")
+
+
+def landscape_2d_png(
+    runs: Sequence[Mapping[str, Any]], coords: Sequence[float], path: str | os.PathLike,
+    *, zmax: float | None = None, title: str = "training loss around the trained weights (Li et al. 2018)",
+) -> str:
+    """One row per run: a filled contour plot and a 3-D surface of the loss over the grid,
+    every panel on ONE colour scale (and the surfaces on one z range), so the runs compare.
+
+    Args:
+      runs: dicts with "label", "loss" ([grid][grid], rows over the second direction b,
+        columns over a) and optionally "centre" ({"loss", "error"}).
+      coords: the grid's coordinates along each axis.
+      path: where to write the PNG.
+      zmax: losses above it are drawn at it (the plot says so); None = the largest.
+      title: figure title.
+
+    Returns:
+      `path` as a string.
+    """
+    if not runs:
+        raise ValueError("landscape_2d_png needs at least one run")
+    from matplotlib.cm import ScalarMappable
+
+    coords = np.asarray(coords, dtype=float)
+    a, b = np.meshgrid(coords, coords)  # a along columns, b along rows, as the loss grids
+    surfaces = [np.asarray(run["loss"], dtype=float) for run in runs]
+    finite = np.concatenate([s[np.isfinite(s)] for s in surfaces])
+    top = float(finite.max()) if finite.size else 1.0
+    zmax = top if zmax is None else float(zmax)
+    zmin = float(finite.min()) if finite.size else 0.0
+    zmax = max(zmax, zmin + 1e-6)
+    norm = Normalize(vmin=zmin, vmax=zmax)
+    levels = np.linspace(zmin, zmax, 21)
+    cmap = plt.get_cmap("viridis")
+
+    fig = plt.figure(figsize=(11, 4.6 * len(runs)), layout="constrained")
+    flat_axes = []
+    for row, (run, surface) in enumerate(zip(runs, surfaces)):
+        # Clipped (and non-finite) points drawn at zmax: a diverged corner stays visible.
+        shown = np.where(np.isfinite(surface), np.minimum(surface, zmax), zmax)
+        centre = run.get("centre") or {}
+        where = (f"centre: loss {centre['loss']:.3f}, error {100 * centre['error']:.1f} %"
+                 if "loss" in centre else "")
+        ax = fig.add_subplot(len(runs), 2, 2 * row + 1)
+        ax.contourf(a, b, shown, levels=levels, cmap=cmap, norm=norm)
+        lines = ax.contour(a, b, shown, levels=levels[::2], colors="white", linewidths=0.5, alpha=0.6)
+        ax.clabel(lines, levels=lines.levels[::2], fontsize=7, fmt="%.2f")
+        ax.plot([0], [0], marker="*", color="red", markersize=10, linestyle="none")
+        ax.set_aspect("equal")
+        ax.set_xlabel("direction 1 (a)")
+        ax.set_ylabel("direction 2 (b)")
+        ax.set_title(f"{run.get('label', '')}\n{where}", fontsize=10)
+        surface_ax = fig.add_subplot(len(runs), 2, 2 * row + 2, projection="3d")
+        surface_ax.plot_surface(a, b, shown, cmap=cmap, norm=norm, linewidth=0, antialiased=True,
+                                rcount=len(coords), ccount=len(coords))
+        surface_ax.set_zlim(zmin, zmax)
+        surface_ax.set_xlabel("a", labelpad=-2)
+        surface_ax.set_ylabel("b", labelpad=-2)
+        surface_ax.set_zlabel("loss", labelpad=-2)
+        surface_ax.tick_params(labelsize=7, pad=0)
+        surface_ax.view_init(elev=35, azim=-60)
+        surface_ax.set_box_aspect(None, zoom=1.15)  # 3-D axes leave wide margins otherwise
+        flat_axes += [ax, surface_ax]
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=flat_axes, shrink=0.8,
+                 label="training loss (cross-entropy)")
+    clipped = f"; loss above {zmax:.2f} drawn at {zmax:.2f}" if top > zmax else ""
+    fig.suptitle(f"{title}\nfilter-normalised random directions, one colour scale{clipped}", fontsize=11)
+    return _save(fig, path)
+
+
+def landscape_1d_png(
+    runs: Sequence[Mapping[str, Any]], coords: Sequence[float], path: str | os.PathLike,
+    *, zmax: float | None = None, title: str = "1-D slice of the loss landscape (Li et al. 2018)",
+) -> str:
+    """Loss (left) and top-1 error (right) along the first direction, through the trained
+    weights: a 2-D run's row b = 0, or a 1-D run's whole line.
+
+    Args:
+      runs: dicts with "label", "loss", "error" ([grid] or [grid][grid]) and optionally
+        "skip" (plain nets are dashed).
+      coords: the grid's coordinates.
+      path: where to write the PNG.
+      zmax: the loss axis stops here (None: the largest loss).
+      title: figure title.
+
+    Returns:
+      `path` as a string.
+    """
+    if not runs:
+        raise ValueError("landscape_1d_png needs at least one run")
+    coords = np.asarray(coords, dtype=float)
+
+    def line(values):
+        values = np.asarray(values, dtype=float)
+        return values if values.ndim == 1 else values[values.shape[0] // 2]
+
+    fig, (loss_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    top = 0.0
+    for index, run in enumerate(runs):
+        style = _run_style(run, index)
+        loss = line(run["loss"])
+        top = max(top, float(np.nanmax(np.where(np.isfinite(loss), loss, np.nan))))
+        loss_ax.plot(coords, loss, label=str(run.get("label", "")), linewidth=1.8, marker="o", markersize=3,
+                     **style)
+        error_ax.plot(coords, 100 * line(run["error"]), linewidth=1.8, marker="o", markersize=3, **style)
+    ceiling = top if zmax is None else min(top, float(zmax))
+    loss_ax.set_ylim(0, 1.05 * ceiling if ceiling > 0 else 1.0)
+    loss_ax.set_ylabel("training loss" + (f" (axis stops at {ceiling:.2f})" if ceiling < top else ""))
+    error_ax.set_ylim(0, 100)
+    error_ax.set_ylabel("training error (%)")
+    for ax in (loss_ax, error_ax):
+        ax.axvline(0, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("step along direction 1 (0 = trained weights)")
+        ax.grid(True, alpha=0.3)
+    loss_ax.legend(fontsize=9, title="solid: residual, dashed: plain", title_fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+def lesion_png(
+    runs: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+    *, title: str = "lesion study (Veit et al. 2016): test error with blocks deleted",
+) -> str:
+    """Left, as Veit et al. Fig. 3: test error with each single block deleted, per block,
+    the intact net's error as a horizontal line; blocks a plain net cannot delete (they
+    change the shape) are marked with crosses on the axis. Right, as their Fig. 5(a): test
+    error with k random blocks deleted, mean and standard deviation over the draws.
+
+    Args:
+      runs: dicts with "label", "skip", "baseline_error", "single" (list of {"block",
+        "error" (None: not deletable)}), "random" (list of {"k", "errors"}) and optionally
+        "chance_error" (1 - 1/classes).
+      path: where to write the PNG.
+      title: figure title.
+
+    Returns:
+      `path` as a string.
+    """
+    if not runs:
+        raise ValueError("lesion_png needs at least one run")
+    fig, (single_ax, random_ax) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    chance = [float(r["chance_error"]) for r in runs if r.get("chance_error") is not None]
+    for index, run in enumerate(runs):
+        style = _run_style(run, index)
+        label = str(run.get("label", ""))
+        blocks = np.asarray([s["block"] + 1 for s in run["single"]], dtype=float)
+        errors = np.asarray([np.nan if s["error"] is None else 100 * s["error"] for s in run["single"]])
+        single_ax.plot(blocks, errors, marker="o", markersize=4, linewidth=1.6, label=label, **style)
+        single_ax.axhline(100 * run["baseline_error"], color=style["color"], linewidth=1.0, linestyle=":")
+        fixed = blocks[np.isnan(errors)]
+        if len(fixed):
+            single_ax.plot(fixed, np.full(len(fixed), 1.5), marker="x", markersize=8, linestyle="none",
+                           color=style["color"], clip_on=False)
+        ks = [0] + [int(r["k"]) for r in run["random"]]
+        means = [100 * run["baseline_error"]] + [100 * float(np.mean(r["errors"])) for r in run["random"]]
+        stds = [0.0] + [100 * float(np.std(r["errors"])) for r in run["random"]]
+        random_ax.errorbar(ks, means, yerr=stds, marker="o", markersize=4, linewidth=1.6, capsize=3,
+                           label=label, **style)
+    for ax in (single_ax, random_ax):
+        if chance:
+            ax.axhline(100 * max(chance), color="gray", linewidth=0.8, linestyle="--")
+            ax.text(1.0, 100 * max(chance), "chance ", transform=ax.get_yaxis_transform(), ha="right",
+                    va="bottom", fontsize=8, color="gray")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test error (%)")
+        ax.grid(True, alpha=0.3)
+    single_ax.set_xlabel("deleted block (1 = nearest the input)")
+    single_ax.set_title("one block deleted (dotted: intact net; x: plain block that changes shape, "
+                        "cannot be deleted)", fontsize=9)
+    single_ax.xaxis.get_major_locator().set_params(integer=True)
+    random_ax.set_xlabel("number of blocks deleted at random")
+    random_ax.set_title("k random blocks deleted (mean ± std over draws)", fontsize=10)
+    random_ax.xaxis.get_major_locator().set_params(integer=True)
+    single_ax.legend(fontsize=9, title="solid: residual, dashed: plain", title_fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)

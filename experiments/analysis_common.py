@@ -1,0 +1,233 @@
+"""What the analyses (landscape, lesion, sanity) share: a trained workdir loaded for analysis,
+an exact jitted evaluation, and the command-line plumbing.
+
+`load_run` is the ONE place that touches the trainer's internals (config loading, model
+construction, checkpoint layout, data sources and normalisation), so that a change there
+is a change here only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from resnet_jax.errors import USER_ERROR_EXIT, UserError
+
+CHECKPOINTS = ("latest", "best")
+CHECK_FAILED_EXIT = 1  # sanity: a check failed (distinct from a user error, exit 2)
+
+
+# ---------------------------------------------------------------------------------------
+# A trained run.
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained workdir, ready to analyse.
+
+    Attributes:
+      workdir: the run's directory.
+      config: the ConfigDict it was trained with.
+      model: the evaluation model (no BN axis); `model.clone(drop_blocks=...)` lesions it.
+      variables: {"params", "batch_stats"} of the restored checkpoint (host numpy arrays).
+      step: the checkpoint's step.
+      mean, std: the normalisation statistics of its training split, as the trainer uses.
+      load: split spec ("train", "test[:100]") -> (uint8 images [N, H, W, C], int32 labels [N]).
+    """
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    model: Any
+    variables: dict
+    step: int
+    mean: np.ndarray
+    std: np.ndarray
+    load: Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def name(self) -> str:
+        """A label for plots: the model name and the workdir's base name."""
+        return f"{self.config.model.name} ({os.path.basename(os.path.normpath(self.workdir))})"
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images -> the float32 inputs the model was trained on (no augmentation)."""
+        return ((images.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+
+    def eval_splits(self) -> dict[str, str]:
+        """The run's evaluation splits, name -> spec, in config order."""
+        from resnet_jax import config as config_lib
+
+        return config_lib.parse_splits(self.config.data.eval_splits)
+
+
+def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
+    """Restores a trained workdir for analysis on whatever devices are visible now.
+
+    Args:
+      workdir: a directory written by `python -m resnet_jax.main`.
+      checkpoint: "latest", "best" (the step recorded as best; the latest if none) or a step.
+
+    Raises:
+      UserError: no such run, no checkpoint, an unreadable one, or a streamed dataset (the
+        analyses hold their examples in memory).
+    """
+    # Trainer internals used by the analyses: all of them are here.
+    from resnet_jax import optim
+    from resnet_jax.checkpoint import Checkpoints, abstract_like
+    from resnet_jax.data import device as device_data
+    from resnet_jax.data import sources
+    from resnet_jax.evaluate import load_config
+    from resnet_jax.train import build_model, create_train_state
+
+    workdir = os.path.expanduser(workdir)
+    config = load_config(workdir)  # UserError for a missing workdir or config.json
+    if config.data.pipeline != "device":
+        raise UserError(f"{workdir}: the analyses read in-memory datasets (data.pipeline=device); this run "
+                        f"streams {config.data.name}")
+    directory = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else []) if n.isdigit())
+    if not steps:
+        raise UserError(f"no checkpoints in {directory}: train the run first")
+    which = parse_checkpoint(checkpoint)
+    if isinstance(which, int) and which not in steps:
+        raise UserError(f"no checkpoint at step {which} in {directory}; have {steps}")
+
+    train_arrays = sources.load_split(config.data, config.data.train_split)
+    mean, std = device_data.normalization_stats(config.data, train_arrays)
+    model = build_model(config)
+    # The saved layout is the trainer's TrainState; its optimiser state's *structure* does not
+    # depend on the schedule's values, so any steps_per_epoch builds the same template.
+    tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, 1, config.train.total_steps))
+    template = jax.eval_shape(lambda: create_train_state(
+        model, tx, config.train.seed, tuple(train_arrays.images.shape[1:])))
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
+                                          jax.sharding.PartitionSpec())
+    checkpoints = Checkpoints(workdir)
+    try:
+        # An explicit step: a read-only analysis must never set aside a run's checkpoints.
+        state, meta, step = checkpoints.restore(abstract_like(template, sharding),
+                                                which if isinstance(which, int) else steps[-1])
+        best = meta.get("best_step") if isinstance(meta, dict) else None
+        if which == "best" and best is not None and int(best) != step and int(best) in steps:
+            state, meta, step = checkpoints.restore(abstract_like(template, sharding), int(best))
+    finally:
+        checkpoints.close()
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+    def load(spec: str) -> tuple[np.ndarray, np.ndarray]:
+        if spec == config.data.train_split:
+            return train_arrays.images, train_arrays.labels
+        arrays = sources.load_split(config.data, spec)
+        return arrays.images, arrays.labels
+
+    return Run(workdir, config, model, variables, int(step), np.asarray(mean, np.float32),
+               np.asarray(std, np.float32), load)
+
+
+def parse_checkpoint(checkpoint: str | int) -> str | int:
+    """"latest", "best" or a step number (int); UserError otherwise."""
+    text = str(checkpoint).strip()
+    if text in CHECKPOINTS:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"--checkpoint must be latest, best or a step number, got {checkpoint!r}")
+
+
+def subset(images: np.ndarray, labels: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` examples drawn without replacement by `seed` (all of them when count <= 0 or
+    count >= N), kept in dataset order."""
+    if count <= 0 or count >= len(labels):
+        return images, labels
+    keep = np.sort(np.random.default_rng(seed).choice(len(labels), count, replace=False))
+    return images[keep], labels[keep]
+
+
+# ---------------------------------------------------------------------------------------
+# Exact evaluation.
+
+
+def batched(inputs: np.ndarray, labels: np.ndarray, batch: int,
+            multiple_of: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pads to whole batches: inputs [B, b, ...], labels [B, b], mask [B, b] (0 = padding).
+
+    b is `batch` (at most N), rounded up to a multiple of `multiple_of` (the device count,
+    when the batches are split over devices)."""
+    n = len(labels)
+    batch = -(-max(1, min(batch, n)) // multiple_of) * multiple_of
+    padded = -(-n // batch) * batch
+    pad = lambda x: np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(padded - n, np.float32)])
+    shape = lambda x: x.reshape(padded // batch, batch, *x.shape[1:])
+    return shape(pad(inputs)), shape(pad(labels)), shape(mask)
+
+
+def loss_and_error(model: Any, variables: dict, inputs: jax.Array, labels: jax.Array, mask: jax.Array):
+    """Mean cross-entropy and top-1 error over batched examples (see `batched`), evaluated
+    with BN's running statistics; a traceable function (the callers jit or vmap it).
+
+    The batches run one after another (`lax.map`) so memory is one batch's activations.
+    """
+
+    def one_batch(batch):
+        x, y, m = batch
+        logits = model.apply(variables, x, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        wrong = (jnp.argmax(logits, -1) != y).astype(jnp.float32)
+        return jnp.sum(loss * m), jnp.sum(wrong * m)
+
+    losses, wrongs = jax.lax.map(one_batch, (inputs, labels, mask))
+    n = jnp.sum(mask)
+    return jnp.sum(losses) / n, jnp.sum(wrongs) / n
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+
+def fail(message: str, code: int = USER_ERROR_EXIT) -> None:
+    """One `error:` line on stderr and exit; os._exit, as resnet_jax.main's `fail`, so no
+    library thread prints after it."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def parse_flags(flag_values, argv: list[str], doc: str) -> list[str]:
+    """Parses `argv` into `flag_values`; `-h`/`--help` prints `doc` and the flags, exit 0.
+
+    Raises:
+      UserError: an unknown flag or a bad value, as one line.
+    """
+    if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
+        print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False).rstrip())
+        sys.stdout.flush()
+        sys.exit(0)
+    try:
+        rest = flag_values(argv)
+    except Exception as error:  # absl's flags errors, or a config file that does not load
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise UserError(f"bad flags: {lines[-1] if lines else type(error).__name__}") from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return rest
+
+
+def cli(run: Callable[[list[str]], int], argv: list[str] | None = None) -> None:
+    """Runs a command's `run(argv) -> exit code`: a UserError is one line and exit 2."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        code = run(argv)
+    except UserError as error:
+        fail(str(error))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
