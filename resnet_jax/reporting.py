@@ -1,7 +1,15 @@
-"""What a run writes as it goes: metrics.jsonl, TensorBoard events, a progress bar.
+"""What a run writes as it goes: metrics.jsonl, TensorBoard events, and progress a person reads.
 
-Only process 0 writes (multi-host runs share one workdir). TensorBoard files come from
-tensorboardX, so nothing here imports TensorFlow.
+On a terminal a tqdm bar shows progress and each evaluation prints one line above it. Off a
+terminal (a SLURM or nohup log, CI) or with `train.progress=False` there is no bar (its
+carriage returns would run together into one unreadable line); instead one plain line per
+`log_every` steps and one per evaluation:
+
+    step 12,800/64,000 (20 %)  loss 0.532  train err 18.2 %  lr 0.1  3,410 img/s  ETA 14 min
+    eval step 12,800: test err 9.81 % (top-5 0.42 %), best 9.81 % @ 12,800
+
+Only process 0 writes or prints (multi-host runs share one workdir). TensorBoard files come
+from tensorboardX, so nothing here imports TensorFlow.
 """
 
 import json
@@ -13,12 +21,28 @@ import jax
 import tqdm
 
 
+def on_terminal() -> bool:
+    """Whether a person is watching: both streams are a terminal (the bar goes to stderr,
+    the lines to stdout, and a log file must get neither carriage returns nor a bar)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 class Reporter:
-    """Metric records to `workdir/metrics.jsonl` and TensorBoard, plus a progress bar."""
+    """Metric records to `workdir/metrics.jsonl` and TensorBoard, plus progress on stdout."""
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool = True):
+        """Opens the writers (process 0 only).
+
+        Args:
+          workdir: the run's directory; metrics.jsonl and tensorboard/ go there.
+          total_steps: the step the run ends at (for the percentage and the ETA).
+          start_step: the step it starts or resumes at.
+          progress: False forces plain lines even on a terminal (`train.progress`).
+        """
         self.enabled = jax.process_index() == 0
         self.start_time = time.time()
+        self.total_steps, self.start_step, self.step = total_steps, start_step, start_step
+        self.plain = not (progress and on_terminal())
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
@@ -27,30 +51,67 @@ class Reporter:
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self.bar = tqdm.tqdm(
             total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-            disable=not progress, file=sys.stderr, mininterval=1.0,
+            disable=self.plain, file=sys.stderr, mininterval=1.0,
         )
 
+    def started(self, workdir: str, checkpoint_dir: str) -> None:
+        """One line saying where everything goes and how to watch it."""
+        self.print(f"writing to {workdir} (metrics.jsonl, tensorboard/), checkpoints in {checkpoint_dir}; "
+                   f"watch with: tensorboard --logdir {workdir}")
+
     def write(self, record: dict) -> None:
-        """Writes one record: {"step": int, "split": str, <metric>: float, ...}."""
+        """Writes one record, {"step": int, "split": str, <metric>: float, ...}, to metrics.jsonl
+        and TensorBoard; a train record also updates the bar, or prints its plain line."""
         if not self.enabled:
             return
-        record = {k: (float(v) if not isinstance(v, (str, int)) else v) for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for name, value in record.items():
-            if name not in ("step", "split"):
-                self.tensorboard.add_scalar(f"{record['split']}/{name}", value, record["step"])
-        self.tensorboard.flush()
-        if record["split"] == "train":
+        record = self._record(record)
+        if record["split"] != "train":
+            return
+        if self.plain:
+            self.print(self._train_line(record))
+        else:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", err=f"{100 * record['error']:.1f}%", refresh=False)
 
+    def evaluated(self, step: int, results: dict[str, dict], best_step: int | None, best_error: float | None,
+                  watched: str) -> None:
+        """Records one evaluation (one record per split) and prints its line.
+
+        Args:
+          step: the step evaluated.
+          results: {split: {"loss", "error", "top5_error", "examples"}}.
+          best_step: the step of the best `watched` error so far (None before any).
+          best_error: that error.
+          watched: the split whose error decides the best checkpoint.
+        """
+        if not self.enabled:
+            return
+        for name, result in results.items():
+            self._record({"step": step, "split": name, **{k: v for k, v in result.items() if k != "examples"}})
+        parts = []
+        for name, result in results.items():
+            part = f"{name} err {_percent(result['error'])}"
+            if "top5_error" in result:
+                part += f" (top-5 {_percent(result['top5_error'])})"
+            parts.append(part)
+        if best_error is not None:
+            # With several splits, say which one the best is on.
+            label = f"best {watched}" if len(results) > 1 else "best"
+            parts.append(f"{label} {_percent(best_error)} @ {best_step:,}")
+        self.print(f"eval step {step:,}: " + ", ".join(parts))
+
     def advance_to(self, step: int) -> None:
+        """The run has reached `step`."""
         if self.enabled:
-            self.bar.update(step - self.bar.n)
+            self.bar.update(step - self.step)
+        self.step = step
 
     def print(self, line: str) -> None:
         """A line on stdout that does not tear the progress bar."""
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.plain:
+            print(line, flush=True)
+        else:
             self.bar.write(line, file=sys.stdout)
             sys.stdout.flush()
 
@@ -59,6 +120,48 @@ class Reporter:
             self.bar.close()
             self.jsonl.close()
             self.tensorboard.close()
+
+    def _record(self, record: dict) -> dict:
+        """Appends `record` to metrics.jsonl and TensorBoard; returns it with plain floats."""
+        record = {k: (float(v) if not isinstance(v, (str, int)) else v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for name, value in record.items():
+            if name not in ("step", "split"):
+                self.tensorboard.add_scalar(f"{record['split']}/{name}", value, record["step"])
+        self.tensorboard.flush()
+        return record
+
+    def _train_line(self, record: dict) -> str:
+        step, total = record["step"], self.total_steps
+        parts = [f"step {step:,}/{total:,} ({100 * step / max(total, 1):.0f} %)"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.3f}")
+        if "error" in record:
+            parts.append(f"train err {100 * record['error']:.1f} %")
+        if "lr" in record:
+            parts.append(f"lr {record['lr']:.3g}")
+        if "images_per_sec" in record:
+            parts.append(f"{record['images_per_sec']:,.0f} img/s")
+        done = step - self.start_step
+        if done > 0 and step < total:
+            # Wall-clock average since the start: it includes evaluations and checkpoints,
+            # which the rest of the run will pay for too.
+            parts.append(f"ETA {_duration((time.time() - self.start_time) / done * (total - step))}")
+        return "  ".join(parts)
+
+
+def _percent(error: float) -> str:
+    return f"{100 * error:.2f} %"
+
+
+def _duration(seconds: float) -> str:
+    """45 s, 14 min, 2.3 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def read_metrics(workdir: str) -> list[dict]:
