@@ -211,11 +211,18 @@ def parse_flags(flag_values, argv: list[str], doc: str) -> list[str]:
         print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False).rstrip())
         sys.stdout.flush()
         sys.exit(0)
+    flag_values.unparse_flags()  # a second call in one process starts from the defaults again
+    # ml_collections' config flags read their --config.x=y overrides from sys.argv itself.
+    saved, sys.argv = sys.argv, list(argv)
     try:
         rest = flag_values(argv)
+        for name in flag_values:  # config files load lazily, on first use: load them here
+            hasattr(getattr(flag_values, name), "to_dict")
     except Exception as error:  # absl's flags errors, or a config file that does not load
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UserError(f"bad flags: {lines[-1] if lines else type(error).__name__}") from None
+    finally:
+        sys.argv = saved
     if len(rest) > 1:
         raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
     return rest

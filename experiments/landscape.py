@@ -109,7 +109,10 @@ def filter_norms(tree: Any) -> Any:
 def grid_points(grid: int, span: float, dims: int) -> tuple[np.ndarray, np.ndarray]:
     """The axis coordinates [grid] and the points [grid**dims, dims], row-major in (b, a):
     point i * grid + j is (a = coords[j], b = coords[i])."""
+    if grid < 1 or grid % 2 == 0:
+        raise ValueError(f"grid must be odd (to pass through the trained weights), got {grid}")
     coords = np.linspace(-span, span, grid).astype(np.float32)
+    coords[grid // 2] = 0.0  # exactly the trained weights (linspace may leave 1e-17 there)
     if dims == 1:
         return coords, coords[:, None]
     b, a = np.meshgrid(coords, coords, indexing="ij")

@@ -748,9 +748,11 @@ def lesion_png(
         label = str(run.get("label", ""))
         blocks = np.asarray([s["block"] + 1 for s in run["single"]], dtype=float)
         errors = np.asarray([np.nan if s["error"] is None else 100 * s["error"] for s in run["single"]])
-        single_ax.plot(blocks, errors, marker="o", markersize=4, linewidth=1.6, label=label, **style)
+        deletable = ~np.isnan(errors)  # a line through the deletable blocks, over the gaps
+        single_ax.plot(blocks[deletable], errors[deletable], marker="o", markersize=4, linewidth=1.6,
+                       label=label, **style)
         single_ax.axhline(100 * run["baseline_error"], color=style["color"], linewidth=1.0, linestyle=":")
-        fixed = blocks[np.isnan(errors)]
+        fixed = blocks[~deletable]
         if len(fixed):
             single_ax.plot(fixed, np.full(len(fixed), 1.5), marker="x", markersize=8, linestyle="none",
                            color=style["color"], clip_on=False)
