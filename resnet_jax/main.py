@@ -1,33 +1,41 @@
-"""Entry point: `python -m resnet_jax.main --config=configs/cifar.py:resnet56 --workdir=DIR`.
+"""Trains (or resumes) one run: a config recipe, a workdir.
 
-Only parses flags and calls `train_and_evaluate`. Any config field can be overridden:
-`--config.train.total_steps=1000`. Multi-host: `--coordinator=HOST:PORT --num_processes=N
---process_id=I`, or nothing under SLURM / on a TPU pod, where JAX finds its peers itself.
+    python -m resnet_jax.main --config=cifar:resnet56 --workdir=runs/r56
+    resnet-jax train --config=cifar:resnet56 --workdir=runs/r56          # the same
+
+--config is a recipe name with its variant (cifar:resnet56, cifar:plain20,cifar100,
+imagenet:resnet50, digits; `resnet-jax configs` lists them) or a file path
+(configs/cifar.py:resnet56). Any config field can be overridden: --config.train.total_steps=1000.
+Running the same command again resumes from the workdir's latest checkpoint. Multi-host:
+--coordinator=HOST:PORT --num_processes=N --process_id=I, or --distributed under SLURM / on a
+TPU pod, where JAX finds its peers itself.
 """
 
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, USER_ERROR_EXIT, UserError
+from resnet_jax import cli as cli_lib
+from resnet_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar.py:resnet56.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go.")
-flags.DEFINE_string("coordinator", None, "Multi-host: address HOST:PORT of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with what JAX detects (SLURM, TPU pod).")
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "Recipe and variant (cifar:resnet56) or file (configs/cifar.py:resnet56).",
+                                flag_values=FLAGS, lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, TensorBoard events and figures go.", flag_values=FLAGS)
+flags.DEFINE_string("coordinator", None, "Multi-host: address HOST:PORT of process 0.", flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=FLAGS)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with what JAX detects (SLURM, TPU pod).",
+                  flag_values=FLAGS)
 
-
-def fail(message: str, code: int = USER_ERROR_EXIT) -> None:
-    """One line on stderr and exit. os._exit: interpreter shutdown would let libraries' leftover
-    threads (Orbax, TensorStore after a failed restore) print their own noise after it."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
+COMMANDS = {
+    "train": "train or resume one run (this module; `resnet-jax train --help`)",
+    "evaluate": "a trained workdir -> report/: metrics, confusion matrix, mistakes, curves",
+    "configs": "list the config recipes and their variants",
+    "convert": "convert pretrained weights into a workdir (resnet_jax.convert)",
+}
 
 
 def initialize_distributed() -> None:
@@ -41,58 +49,60 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def run(argv) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.workdir is None:
-        raise UserError("--workdir is required")
-    initialize_distributed()
-    from resnet_jax import train
-
-    try:
-        train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
-    except train.Preempted as stopped:
-        fail(str(stopped), PREEMPTED_EXIT)
-    except train.NonFinite as stopped:
-        fail(str(stopped), NONFINITE_EXIT)
-
-
-def _load_error(error: Exception) -> str:
-    """ml_collections wraps a config file's own error in lines of context: keep its cause."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    if last.startswith("\"'") and last.endswith("'\""):  # a KeyError from --config.x.y=...
-        return f"no config field {last[1:-1]} (the fields are in resnet_jax/config.py)"
-    return last
-
-
 def main(argv=None) -> None:
-    """Parses flags (user errors -> one line, exit 2) and trains."""
-    argv = list(sys.argv if argv is None else argv)
+    """Parses flags (help: exit 0; user errors: one line, exit 2) and trains."""
+    with cli_lib.errors_exit():
+        cli_lib.parse_flags(FLAGS, argv, __doc__)
+        if FLAGS.config is None:
+            raise UserError("--config is required, e.g. --config=cifar:resnet56")
+        if FLAGS.workdir is None:
+            raise UserError("--workdir is required")
+        initialize_distributed()
+        from resnet_jax import train
+
+        train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+
+
+def usage() -> str:
+    """What `resnet-jax` alone prints: its sub-commands."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items() if name != "convert" or _convert()]
+    return ("usage: resnet-jax COMMAND [flags]   (`resnet-jax COMMAND --help` for its flags)\n\ncommands:\n"
+            + "\n".join(lines) + "\n\nexample: resnet-jax train --config=cifar:resnet20 --workdir=runs/r20\n")
+
+
+def _convert():
+    """resnet_jax.convert's module, or None where it does not exist (yet)."""
     try:
-        rest = FLAGS(argv)
-        if FLAGS["config"].value is None:
-            fail("--config is required, e.g. --config=configs/cifar.py:resnet56")
-        FLAGS.config.parallel  # config files load lazily: touch it so a bad one fails here
-    except Exception as error:  # flags, or a config file or variant that does not load
-        fail(f"bad flags: {_load_error(error)}")
-    try:
-        run(rest)
-    except UserError as error:
-        fail(str(error))
+        from resnet_jax import convert
+    except ImportError:
+        return None
+    return convert
 
 
 def cli() -> None:
-    """`resnet-jax train ...` (the same flags) and `resnet-jax evaluate ...`."""
+    """The `resnet-jax` console script: `resnet-jax COMMAND ...`: train (the default when flags come first), evaluate, configs, convert."""
     args = sys.argv[1:]
-    command = args.pop(0) if args and not args[0].startswith("-") else "train"
+    if not args:
+        print(usage(), end="")
+        sys.exit(0)
+    if args[0] in cli_lib.HELP + cli_lib.HELPFULL:
+        print(usage())
+        main([sys.argv[0], *args])
+    command = args.pop(0) if not args[0].startswith("-") else "train"
+    program = f"{sys.argv[0]} {command}"
+    if command == "train":
+        return main([program, *args])
     if command == "evaluate":
         from resnet_jax import evaluate
 
-        return evaluate.main([sys.argv[0]] + args)
-    if command != "train":
-        fail(f"unknown command {command!r}; use train or evaluate")
-    main([sys.argv[0]] + args)
+        return evaluate.main([program, *args])
+    if command == "configs":
+        print(cli_lib.describe_configs())
+        return
+    if command == "convert" and _convert() is not None:
+        return _convert().main([program, *args])
+    cli_lib.fail(f"unknown command {command!r}; use {', '.join(n for n in COMMANDS if n != 'convert' or _convert())}")
 
 
 if __name__ == "__main__":
