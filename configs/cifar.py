@@ -1,9 +1,15 @@
 """He et al. 2015, Sec. 4.2: ResNets and plain nets on CIFAR-10 (and CIFAR-100).
 
-    python -m resnet_jax.main --config=configs/cifar.py:resnet56 --workdir=runs/r56
-    python -m resnet_jax.main --config=configs/cifar.py:plain20,cifar100 --workdir=runs/p20c100
+    python -m resnet_jax.main --config=cifar:resnet56 --workdir=runs/r56
+    python -m resnet_jax.main --config=cifar:plain20,cifar100 --workdir=runs/p20c100
+    python -m resnet_jax.main --config=cifar:plain56,short,npz \\
+        --config.data.path=../shared/data/cifar10/cifar10.npz --workdir=runs/p56_short
 
-Offline: add --config.data.source=npz --config.data.path=../shared/data/cifar10/cifar10.npz
+The variant is "<model>[,<option>...]": the model (resnet20 ... resnet1202, plain20 ...
+plain110, any depth 6n+2), then in any order at most one dataset (cifar10, cifar100), one
+schedule (paper, short, smoke, gpu) and one data source (tfds, npz, synthetic); see VARIANTS.
+Every run of experiments/degradation.py and experiments/skip_ablation.py is one of these,
+so each cell of their tables reproduces with the command they print.
 
 Expected test error on CIFAR-10 (paper, Table 6): ResNet-20 8.75 %, -32 7.51 %, -44 7.17 %,
 -56 6.97 %, -110 6.43 %; plain nets get worse with depth (Fig. 6: plain-20 ~9.5 %, plain-56
@@ -12,18 +18,91 @@ Expected test error on CIFAR-10 (paper, Table 6): ResNet-20 8.75 %, -32 7.51 %, 
 ResNet-110 and deeper warm up at lr 0.01 for 400 steps.
 """
 
+import dataclasses
+
 from resnet_jax.config import default_config
 
 DATASETS = {"cifar10": 10, "cifar100": 100}
+SOURCES = ("tfds", "npz", "synthetic")
+PAPER_STEPS = 64_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long, how often and on which splits a run trains; the rest is the recipe."""
+
+    summary: str
+    total_steps: int
+    batch_size: int
+    lr: float
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    eval_batch_size: int
+    # Data source -> eval splits; the first is the headline (and picks the best checkpoint).
+    # The offline npz also holds `test_exact`, the 1,000 byte-exact test images.
+    eval_splits: dict
+    train_split: str = "train"
+    source: str = "tfds"  # when the variant names none
+    image_size: int = 32  # synthetic images only
+    synthetic_examples: int = 2048
+    keep_checkpoints: int = 3
+    steps_per_dispatch: int = 1
+
+
+SCHEDULES = {
+    "paper": Schedule(
+        "the recipe, evaluated every 1,000 steps: 64k steps of batch 128, lr 0.1 /10 at 32k and 48k",
+        total_steps=PAPER_STEPS, batch_size=128, lr=0.1, log_every=100, eval_every=1000, checkpoint_every=1000,
+        eval_batch_size=1000,
+        eval_splits={"tfds": "test=test", "npz": "test=test,test_exact=test_exact", "synthetic": "test=test"}),
+    "gpu": Schedule(
+        "the recipe's shape in 16k steps (41 epochs): batch 128, lr 0.1 /10 at 50 % and 75 %, evaluated "
+        "every 2,000 steps, 1 checkpoint kept (small enough to carry off a device)",
+        total_steps=16_000, batch_size=128, lr=0.1, log_every=200, eval_every=2000, checkpoint_every=2000,
+        eval_batch_size=1000, keep_checkpoints=1,
+        # Dispatch overhead dominates a CIFAR step on an accelerator (XLA:CPU runs a scanned
+        # step many times slower: add --config.train.steps_per_dispatch=1 there).
+        steps_per_dispatch=100,
+        eval_splits={"tfds": "test=test", "npz": "test=test,test_exact=test_exact", "synthetic": "test=test"}),
+    "short": Schedule(
+        "the recipe's shape in 480 steps of batch 32 (31 % of an epoch), lr 0.025 (0.1 x 32/128), "
+        "evaluated on 1,000 test images: a CPU run that shows how each net starts to train",
+        total_steps=480, batch_size=32, lr=0.025, log_every=10, eval_every=120, checkpoint_every=120,
+        eval_batch_size=500,
+        eval_splits={"tfds": "test1k=test[:1000]", "npz": "test_exact=test_exact", "synthetic": "test=test"}),
+    "smoke": Schedule(
+        "a pipeline check in seconds: 8 steps of batch 16 on 128 random 16x16 images (unless a source "
+        "is named); its errors mean nothing",
+        total_steps=8, batch_size=16, lr=0.05, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=100,
+        train_split="train[:512]", source="synthetic", image_size=16, synthetic_examples=128,
+        eval_splits={"tfds": "test=test[:200]", "npz": "test_exact=test_exact[:200]", "synthetic": "test=test"}),
+}
+
+# For `resnet-jax configs`.
+VARIANTS = {
+    "resnet<6n+2>, plain<6n+2>": "the model (first): resnet20 ... resnet1202, plain20 ... plain110",
+    "cifar10 | cifar100": "the dataset (default cifar10)",
+    **{name: schedule.summary for name, schedule in SCHEDULES.items()},
+    "tfds | npz | synthetic": "the data source (default tfds); npz needs --config.data.path=FILE.npz",
+}
 
 
 def get_config(arg: str = "resnet20"):
-    """`arg` is "<model>" or "<model>,<dataset>": resnet20 ... resnet1202, plain20 ... plain110
-    (any 6n+2 depth), and cifar10 (default) or cifar100."""
-    name, _, dataset = arg.partition(",")
-    dataset = dataset or "cifar10"
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown CIFAR dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    """`arg` is "<model>[,<option>...]" (see the module docstring and VARIANTS)."""
+    name, *options = [part.strip() for part in arg.split(",")]
+    chosen = {"dataset": [o for o in options if o in DATASETS], "schedule": [o for o in options if o in SCHEDULES],
+              "source": [o for o in options if o in SOURCES]}
+    unknown = [o for o in options if not any(o in group for group in chosen.values())]
+    if unknown and unknown[0].startswith("cifar"):
+        raise ValueError(f"unknown CIFAR dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    if unknown:
+        raise ValueError(f"unknown CIFAR variant option {unknown[0]!r}; choose datasets from {', '.join(DATASETS)}, "
+                         f"schedules from {', '.join(SCHEDULES)}, sources from {', '.join(SOURCES)}")
+    for kind, values in chosen.items():
+        if len(values) > 1:
+            raise ValueError(f"more than one {kind} in the CIFAR variant {arg!r}: {', '.join(values)}")
+    dataset = (chosen["dataset"] or ["cifar10"])[0]
     config = default_config()
     config.model.name = name
     config.model.family = "cifar"
@@ -34,4 +113,35 @@ def get_config(arg: str = "resnet20"):
         config.optim.warmup_steps = 400
         config.optim.warmup = "constant"
         config.optim.warmup_lr = 0.01
+    schedule = SCHEDULES[chosen["schedule"][0]] if chosen["schedule"] else None
+    if schedule:
+        _apply_schedule(config, schedule)
+    source = (chosen["source"] or [schedule.source if schedule else "tfds"])[0]
+    _apply_source(config, source, schedule)
     return config
+
+
+def _apply_schedule(config, schedule: Schedule) -> None:
+    train = config.train
+    train.total_steps, train.batch_size, train.eval_batch_size = (schedule.total_steps, schedule.batch_size,
+                                                                  schedule.eval_batch_size)
+    train.log_every, train.eval_every, train.checkpoint_every = (schedule.log_every, schedule.eval_every,
+                                                                 schedule.checkpoint_every)
+    train.keep_checkpoints, train.steps_per_dispatch = schedule.keep_checkpoints, schedule.steps_per_dispatch
+    config.data.train_split = schedule.train_split
+    config.optim.lr = schedule.lr
+    if config.optim.warmup_steps:  # ResNet-110+: 400 of 64k steps at lr 0.01, kept in proportion
+        config.optim.warmup_steps = max(1, round(config.optim.warmup_steps * schedule.total_steps / PAPER_STEPS))
+        config.optim.warmup_lr = config.optim.warmup_lr * schedule.lr / 0.1
+
+
+def _apply_source(config, source: str, schedule: Schedule | None) -> None:
+    config.data.source = source
+    if schedule:
+        config.data.eval_splits = schedule.eval_splits[source]
+    elif source == "npz":
+        config.data.eval_splits = "test=test,test_exact=test_exact"
+    if source == "synthetic":
+        config.data.train_split = "train"
+        config.data.image_size = schedule.image_size if schedule else 32
+        config.data.synthetic_examples = schedule.synthetic_examples if schedule else 2048

@@ -1,7 +1,7 @@
 """ResNets on ImageNet (ILSVRC-2012): the standard 90-epoch recipe.
 
-    python -m resnet_jax.main --config=configs/imagenet.py:resnet50 --workdir=runs/r50
-    python -m resnet_jax.main --config=configs/imagenet.py:resnet50,cosine --workdir=runs/r50c
+    python -m resnet_jax.main --config=imagenet:resnet50 --workdir=runs/r50
+    python -m resnet_jax.main --config=imagenet:resnet50,cosine --workdir=runs/r50c
 
 Batch 256 x k with lr 0.1 x batch/256 (Goyal et al.), SGD momentum 0.9, weight decay 1e-4,
 lr / 10 at epochs 30, 60, 80 (or cosine after a 5-epoch linear warm-up), 90 epochs;
@@ -13,6 +13,10 @@ Needs TFDS imagenet2012 prepared by hand (manual download) under data.data_dir.
 from resnet_jax.config import default_config
 
 TRAIN_EXAMPLES = 1_281_167
+VARIANTS = {  # for `resnet-jax configs`
+    "resnet18 ... resnet200": "the model (first); also plain18, plain34",
+    "cosine": "cosine decay after a 5-epoch linear warm-up instead of /10 at epochs 30, 60, 80",
+}
 
 
 def get_config(arg: str = "resnet50"):
