@@ -83,7 +83,7 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
     parallel = Parallel(config.parallel.backend)
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
-    acc = parallel.replicate(jax.device_get(train.zero_accumulator()))
+    acc = trainer.zero_accumulator()
     rng = np.random.default_rng(0)
     size, batch = config.data.image_size, config.train.batch_size
     host_batch = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
@@ -91,12 +91,12 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
                   "mask": np.ones(batch, np.float32)}
     device_batch = parallel.shard(host_batch)
     step = trainer.stream_step
-    compiled = step.lower(state, acc, device_batch).compile() if hasattr(step, "lower") else None
+    compiled = step.lower(state, device_batch, acc).compile() if hasattr(step, "lower") else None
     cost = compiled.cost_analysis() if compiled is not None else None
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     for _ in range(warmup):
-        state, acc = step(state, acc, device_batch)
+        state, acc = step(state, device_batch, acc)
     jax.block_until_ready(acc)
     # Like reference.py: steps are dispatched back to back and waited for once, so host
     # synchronisation is not timed; the median over a few such rounds resists noise.
@@ -105,7 +105,7 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
     for _ in range(max(steps // per_round, 1)):
         start = time.perf_counter()
         for _ in range(per_round):
-            state, acc = step(state, acc, device_batch)
+            state, acc = step(state, device_batch, acc)
         jax.block_until_ready(acc)
         times.append((time.perf_counter() - start) / per_round)
     median = statistics.median(times)

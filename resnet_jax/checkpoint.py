@@ -1,4 +1,8 @@
-"""Orbax checkpoints of a run: `workdir/checkpoints/<step>/{state,meta}`.
+"""Orbax checkpoints of a run: `workdir/checkpoints/<step>/{variables,optimizer,meta}`.
+
+`variables` holds what a model needs (params, BN statistics), `optimizer` what only training
+needs (step, optimiser state), `meta` the run's JSON bookkeeping (best error, normalisation
+statistics, the input pipeline's position): evaluation restores `variables` alone.
 
 Keeps the last `keep` checkpoints and the best by evaluation error. Orbax writes each step
 to a temporary directory and renames it when complete, so a kill at any moment leaves the
@@ -45,12 +49,15 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, error: float | None = None) -> None:
-        """Writes `state` (a pytree of global jax.Arrays) and `meta` at `step`.
+        """Writes `state` (a TrainState of global jax.Arrays) and `meta` at `step`.
 
         Args:
           error: the evaluation error at this step, if evaluated; the lowest is kept.
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            variables=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+            optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            meta=ocp.args.JsonSave(meta))
         try:
             self.manager.save(step, args=args, metrics=None if error is None else {"error": error}, force=True)
             self.manager.wait_until_finished()
@@ -58,22 +65,51 @@ class Checkpoints:
             raise UserError(f"cannot write checkpoint {step} in {self.directory}: {error_.strerror or error_}") from None
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
-        """Restores `step`, or the newest good checkpoint; None when there is none.
+        """Restores a whole TrainState at `step`, or the newest good checkpoint; None when
+        there is none.
 
         Args:
-          abstract_state: jax.ShapeDtypeStruct tree with the shardings to restore onto, so a
-            run saved on 4 devices resumes on 1 or 2.
+          abstract_state: TrainState of jax.ShapeDtypeStruct with the shardings to restore
+            onto, so a run saved on 4 devices resumes on 1 or 2.
           step: a particular step; an error if it is missing or corrupt.
 
         Raises:
           UserError: checkpoints exist but none can be read.
         """
+        args = ocp.args.Composite(
+            variables=ocp.args.StandardRestore({"params": abstract_state.params,
+                                                "batch_stats": abstract_state.batch_stats}),
+            optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+            meta=ocp.args.JsonRestore())
+        found = self._restore(args, step)
+        if found is None:
+            return None
+        restored, candidate = found
+        state = abstract_state.replace(**restored.variables, **restored.optimizer)
+        return state, restored.meta, candidate
+
+    def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+        """Restores only {"params", "batch_stats"} (no optimiser state) and meta."""
+        args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore())
+        found = self._restore(args, step)
+        if found is None:
+            return None
+        restored, candidate = found
+        return restored.variables, restored.meta, candidate
+
+    def read_meta(self, step: int) -> dict | None:
+        """A checkpoint's JSON metadata alone (cheap: no array is read); None if unreadable."""
+        try:
+            return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        except Exception:  # noqa: BLE001 -- corrupt or partial; the caller tries an older one
+            return None
+
+    def _restore(self, args, step: int | None):
         steps = self.steps()
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
         unreadable = []
         for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
             try:
                 restored = self.manager.restore(candidate, args=args)
             except Exception as error:  # corrupt or partial: Orbax raises many kinds
@@ -84,7 +120,7 @@ class Checkpoints:
                 continue
             if step is None:
                 self._set_aside(unreadable)
-            return restored.state, restored.meta, candidate
+            return restored, candidate
         if steps:
             raise UserError(
                 f"no readable checkpoint in {self.directory} (steps {steps}); move it away or set "

@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     data.crop_padding = 4  # zero pad + random crop back to image_size; 0 = off
     data.flip = True
     data.normalization = "per_pixel_mean"  # per_pixel_mean (paper) | per_channel | imagenet | none
+    # Float images in an .npz are refused unless this says what a white pixel is (1.0 or
+    # 255.0); they are then stored as uint8 like every other source.
+    data.float_image_max = 0.0
     data.synthetic_examples = 2048
     data.workers = 0  # stream pipeline: grain worker processes (0 = in the main process)
     data.eval_resize = 256  # stream pipeline: shorter side before the center crop
@@ -57,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     train.batch_size = 128  # global, over all devices
     train.eval_batch_size = 1000
     train.total_steps = 64_000
+    train.total_epochs = 0.0  # > 0: the length in epochs instead (the same epochs at any batch size)
     train.log_every = 100
     train.eval_every = 0  # 0 = once an epoch
     train.checkpoint_every = 1000
@@ -67,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     # on XLA:CPU a scanned step is many times slower, so keep 1 there.
     train.steps_per_dispatch = 1
     train.seed = 0
+    # A converted workdir or another run's workdir to start from (fine-tuning): its params and
+    # BN statistics where their shapes fit this model; the rest (a new head) is initialised.
+    train.init_from = ""
     train.progress = True
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -86,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.min_lr = 0.0  # cosine floor; lower end of the cyclical schedules
     optim.cycle_steps = 2000  # triangular: steps per full cycle
     optim.warmup_steps = 0
+    optim.warmup_epochs = 0.0  # > 0: the warm-up in epochs instead of warmup_steps
     optim.warmup = "linear"  # linear: warmup_lr -> lr; constant: warmup_lr throughout (ResNet-110)
     optim.warmup_lr = 0.0
 
@@ -144,8 +152,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _positive(optim.lr, "optim.lr")
     if not 0 <= model.dropout_rate < 1:
         raise UserError(f"model.dropout_rate must be in [0, 1), got {model.dropout_rate}")
-    if train.eval_every < 0 or optim.warmup_steps < 0 or data.crop_padding < 0:
-        raise UserError("train.eval_every, optim.warmup_steps and data.crop_padding must be >= 0")
+    if min(train.eval_every, optim.warmup_steps, data.crop_padding, train.total_epochs, optim.warmup_epochs) < 0:
+        raise UserError("train.eval_every, train.total_epochs, optim.warmup_steps, optim.warmup_epochs and "
+                        "data.crop_padding must be >= 0")
     for field in ("batch_size", "eval_batch_size"):
         if train[field] % num_devices:
             raise UserError(
@@ -156,15 +165,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         if any(not 0 < b < 1 for b in optim.boundaries):
             raise UserError(f"optim.boundaries {tuple(optim.boundaries)} must be fractions in (0, 1) "
                             "with optim.boundaries_unit=fraction")
-    if optim.schedule == "multistep" and optim.boundaries_unit == "steps":
-        late = [b for b in optim.boundaries if b >= train.total_steps]
-        if late:
-            raise UserError(
-                f"optim.boundaries {tuple(optim.boundaries)} reach past train.total_steps="
-                f"{train.total_steps}: {late}"
-            )
-    if optim.warmup_steps >= train.total_steps:
-        raise UserError(f"optim.warmup_steps={optim.warmup_steps} is not below train.total_steps={train.total_steps}")
     if data.source == "npz" and not data.path:
         raise UserError("data.source=npz needs data.path=FILE.npz")
     if data.source == "npz":
@@ -176,3 +176,31 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise UserError("data.pipeline=stream reads TFDS datasets; use data.pipeline=device for "
                         f"data.source={data.source}")
     parse_splits(data.eval_splits)
+
+
+def steps(num_steps: int, num_epochs: float, steps_per_epoch: int) -> int:
+    """A duration given in steps or (if `num_epochs` > 0) in epochs, in steps.
+
+    So `train.total_epochs=90` means 90 epochs at any batch size (big_vision's `u.steps`)."""
+    return round(num_epochs * steps_per_epoch) if num_epochs > 0 else int(num_steps)
+
+
+def validate_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Checks what depends on the training length, once the data is known; returns it.
+
+    Raises:
+      UserError: a warm-up or lr boundary at or past the end.
+    """
+    train, optim = config.train, config.optim
+    total = steps(train.total_steps, train.total_epochs, steps_per_epoch)
+    _positive(total, "the training length (train.total_steps or train.total_epochs)")
+    if optim.schedule == "multistep" and optim.boundaries_unit in ("steps", "epochs"):
+        scale = steps_per_epoch if optim.boundaries_unit == "epochs" else 1
+        late = [b for b in optim.boundaries if b * scale >= total]
+        if late:
+            raise UserError(f"optim.boundaries {tuple(optim.boundaries)} ({optim.boundaries_unit}) reach past "
+                            f"train.total_steps={total}: {late}")
+    warmup = steps(optim.warmup_steps, optim.warmup_epochs, steps_per_epoch)
+    if warmup >= total:
+        raise UserError(f"the warm-up ({warmup} steps) is not shorter than training ({total} steps)")
+    return total

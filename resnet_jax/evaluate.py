@@ -4,9 +4,9 @@
 
 writes `DIR/report/` (`metrics.json`, `confusion_matrix.png`, `mistakes.png`,
 `activations.png`, `curves.png` and `report.md`, which ties them together). The run is
-rebuilt from `DIR/config.json` alone, with the trainer's own pieces (model, normalisation
-statistics of the training split, state layout), and restored onto however many devices are
-visible now; every example of the split gets its logits exactly once (the last batch is
+rebuilt from `DIR/config.json` and the checkpoint alone: the model from the config, its params
+and BN statistics and the training split's normalisation statistics from the checkpoint (no
+optimiser, no training data), restored onto however many devices are visible now; every example of the split gets its logits exactly once (the last batch is
 padded and the padding masked out), and all metrics are computed on the host from them.
 
 `report(workdir, ...)` is the same as a function, for experiments.
@@ -24,12 +24,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from resnet_jax import config as config_lib
 from resnet_jax.checkpoint import Checkpoints, abstract_like
-from resnet_jax.data import augment, sources
-from resnet_jax.data import device as device_data
+from resnet_jax.data import pipeline, sources
 from resnet_jax.errors import USER_ERROR_EXIT, UserError
 from resnet_jax.parallel import Parallel
 
@@ -152,15 +150,6 @@ def _saved_steps(workdir: str) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
-def _read_meta(checkpoints, step: int) -> dict | None:
-    """A checkpoint's JSON metadata alone (cheap: the state is not read); None if unreadable."""
-    try:
-        restored = checkpoints.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored.meta)
-    except Exception:  # noqa: BLE001 -- corrupt or partial; the caller tries an older one
-        return None
-
-
 def _choose_step(checkpoints, which: str | int) -> tuple[int | None, str | None]:
     """The step to restore (None: the newest readable) and a note on any fallback."""
     if not isinstance(which, str):
@@ -168,7 +157,7 @@ def _choose_step(checkpoints, which: str | int) -> tuple[int | None, str | None]
     if which == "latest":
         return None, None
     steps = sorted(checkpoints.steps(), reverse=True)
-    meta = next((m for m in (_read_meta(checkpoints, s) for s in steps) if m is not None), None)
+    meta = next((m for m in (checkpoints.read_meta(s) for s in steps) if m is not None), None)
     best = None if meta is None else meta.get("best_step")
     if best is None:
         return None, "no best step recorded (the run has not evaluated yet); using the latest checkpoint"
@@ -182,23 +171,11 @@ def _choose_step(checkpoints, which: str | int) -> tuple[int | None, str | None]
 # Predictions.
 
 
-def _predictor(trainer, state, mean: np.ndarray, std: np.ndarray):
-    """predict(uint8-or-float images [B, ...]) -> logits on device (see `_to_host`), mapped
-    over every device. B must be a multiple of the device count; normalisation is on device.
-    """
-    parallel, model = trainer.parallel, trainer.eval_model
-
-    def predict(variables, stats, images):
-        return model.apply(variables, augment.normalize(images, stats[0], stats[1]), train=False)
-
-    mapped = parallel.wrap(predict, (None, None, 0), 0)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    stats = parallel.replicate((np.asarray(mean, np.float32), np.asarray(std, np.float32)))
-
-    def run(images: np.ndarray) -> jax.Array:
-        return mapped(variables, stats, parallel.shard(images))
-
-    return run
+def _predictor(parallel: Parallel, model, variables):
+    """predict(normalised images [B, ...]) -> logits on device (see `_to_host`), mapped over
+    every device. B must be a multiple of the device count."""
+    mapped = parallel.wrap(lambda v, images: model.apply(v, images, train=False), (None, 0), 0)
+    return lambda images: mapped(variables, parallel.shard(images))
 
 
 def _to_host(logits: jax.Array) -> np.ndarray:
@@ -229,56 +206,33 @@ class _MistakeImages:
             order = sorted(self.kept, key=lambda k: (-self.kept[k][0], k))[: self.limit]
             self.kept = {k: self.kept[k] for k in order}
 
-
-def _device_predictions(trainer, state, arrays, stats):
-    """Logits of every example of an in-memory split (padded to whole batches, masked)."""
-    batch = _global_batch(trainer.config.train.eval_batch_size, trainer.parallel.num_devices)
-    batch = min(batch, _global_batch(len(arrays.labels), trainer.parallel.num_devices))
-    padded = device_data.host_data(arrays, stats, pad_to_multiple=batch)
-    predict = _predictor(trainer, state, *stats)
-    # Every batch is dispatched before any is fetched, so the host never waits in between.
-    pending = [predict(padded.images[i:i + batch]) for i in range(0, len(padded.labels), batch)]
-    logits = np.concatenate([_to_host(out) for out in pending])
-    keep = padded.mask > 0
-    return logits[keep], padded.labels[keep]
+    def images(self, index: np.ndarray) -> np.ndarray:
+        return np.stack([self.kept[int(i)][1] for i in index]) if len(index) else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def _stream_predictions(trainer, state, spec: str):
-    """Logits of every example of a streamed TFDS split, plus the images mistakes.png and
-    activations.png need (un-normalised back to uint8 for display)."""
-    from resnet_jax.data import stream
-
-    config, parallel = trainer.config, trainer.parallel
+def _predictions(config, parallel: Parallel, model, variables, spec: str, normalization):
+    """Logits of every example of split `spec`, each exactly once (padding dropped), plus
+    what the pictures need: the surest mistakes' images and a few inputs of varied classes."""
     batch = _global_batch(config.train.eval_batch_size, parallel.num_devices)
-    iterator = stream.make_stream(config, spec, train=False, global_batch_size=batch, seed=config.train.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
-    channels = trainer.image_shape[-1]
-    predict = _predictor(trainer, state, np.zeros(channels, np.float32), np.ones(channels, np.float32))
-    if config.data.normalization == "imagenet":
-        mean, std = stream.IMAGENET_MEAN, stream.IMAGENET_STD
-    else:
-        mean, std = np.zeros(3, np.float32), np.full(3, 255.0, np.float32)
-    to_uint8 = lambda x: np.clip(np.rint(x * std + mean), 0, 255).astype(np.uint8)
-    all_logits, all_labels, mistakes, first_inputs = [], [], _MistakeImages(MAX_MISTAKES), None
-    try:
-        for host_batch in iterator:
-            keep = host_batch["mask"] > 0
-            logits = _to_host(predict(host_batch["image"]))[keep]
-            labels = host_batch["label"][keep]
-            if first_inputs is None:
-                first_inputs = host_batch["image"][keep][:ACTIVATION_IMAGES]
-            mistakes.add(sum(map(len, all_labels)), labels, logits, to_uint8(host_batch["image"][keep]))
-            all_logits.append(logits)
-            all_labels.append(labels)
-    finally:
-        iterator.close()
-    return np.concatenate(all_logits), np.concatenate(all_labels), mistakes, first_inputs, to_uint8
+    predict = _predictor(parallel, model, variables)
+    all_logits, all_labels, mistakes, firsts = [], [], _MistakeImages(MAX_MISTAKES), []
+    for host_batch in pipeline.eval_batches(config, spec, batch, normalization):
+        keep = host_batch["mask"] > 0
+        logits = _to_host(predict(host_batch["image"]))[keep]
+        labels = host_batch["label"][keep]
+        mistakes.add(sum(map(len, all_labels)), labels, logits, host_batch["pixels"][keep])
+        if sum(map(len, firsts)) < 10 * ACTIVATION_IMAGES:
+            firsts.append((host_batch["image"][keep], host_batch["pixels"][keep], labels))
+        all_logits.append(logits)
+        all_labels.append(labels)
+    inputs, pixels, labels = (np.concatenate(parts) for parts in zip(*firsts))
+    rows = _first_of_each_class(labels, ACTIVATION_IMAGES)
+    return np.concatenate(all_logits), np.concatenate(all_labels), mistakes, inputs[rows], pixels[rows]
 
 
-def _activations(trainer, state, inputs: np.ndarray) -> dict[str, np.ndarray]:
+def _activations(model, variables, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """Feature maps the model sows ("stem", "stage1", ...) for a few normalised inputs."""
-    variables = trainer.parallel.unreplicate({"params": state.params, "batch_stats": state.batch_stats})
-    apply = jax.jit(lambda v, x: trainer.eval_model.apply(v, x, train=False, mutable=["intermediates"]))
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
     _, sown = apply(variables, np.asarray(inputs, np.float32))
     layers = {name: np.asarray(value[0], np.float32) for name, value in sown["intermediates"].items()}
     stage_number = lambda name: int(name[len("stage"):]) if name[len("stage"):].isdigit() else 10**6
@@ -393,60 +347,47 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
     split_name, spec = resolve_split(config, split)
     data = config.data
 
-    arrays = None
-    if data.pipeline == "device":  # a bad split fails here, before anything is compiled
-        try:
-            arrays = sources.load_split(data, spec)
-        except UserError as error:
-            eval_names = ", ".join(config_lib.parse_splits(data.eval_splits)) or "none"
-            reason = str(error)
-            prefix = f"unknown split {spec!r}; "
-            if reason.startswith(prefix):
-                raise UserError(f"unknown split {spec!r}: not one of this run's eval splits ({eval_names}) nor a "
-                                f"split of {data.name} ({reason[len(prefix):]})") from None
-            raise
-    else:
-        from resnet_jax.data import stream
+    try:  # a bad split fails here, before anything is compiled
+        if data.pipeline == "device":
+            sources.load_split(data, spec)
+        else:
+            from resnet_jax.data import stream
 
-        try:
             stream.num_examples(data.name, spec, data.data_dir)
-        except UserError as error:
-            eval_names = ", ".join(config_lib.parse_splits(data.eval_splits)) or "none"
-            raise UserError(f"{error} (this run's eval splits: {eval_names})") from None
+    except UserError as error:
+        eval_names = ", ".join(config_lib.parse_splits(data.eval_splits)) or "none"
+        reason, prefix = str(error), f"unknown split {spec!r}; "
+        if reason.startswith(prefix):
+            raise UserError(f"unknown split {spec!r}: not one of this run's eval splits ({eval_names}) nor a "
+                            f"split of {data.name} ({reason[len(prefix):]})") from None
+        raise UserError(f"{reason} (this run's eval splits: {eval_names})") from None
 
     from resnet_jax import figures, metrics as metrics_lib, reporting
-    from resnet_jax.train import Trainer, create_train_state
+    from resnet_jax.train import abstract_variables, build_model
 
     parallel = Parallel(config.parallel.backend)
-    trainer = Trainer(config, parallel)
     checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
     try:
         target, note = _choose_step(checkpoints, which)
-        # The layout of Trainer.init_state() without running (or compiling) the initialiser.
-        abstract = jax.eval_shape(lambda: create_train_state(
-            trainer.eval_model, trainer.tx, config.train.seed, tuple(trainer.image_shape)))
-        restored = checkpoints.restore(abstract_like(abstract, parallel.replicated), target)
+        meta = checkpoints.read_meta(target if target is not None else max(checkpoints.steps()))
+        if not meta or "normalization" not in meta:
+            raise UserError(f"the checkpoints in {checkpoints.directory} carry no normalisation statistics "
+                            "(written by an older resnet_jax); train the run again")
+        abstract = abstract_variables(config, tuple(meta["image_shape"]))
+        restored = checkpoints.restore_variables(abstract_like(abstract, parallel.replicated), target)
     finally:
         checkpoints.close()
     if restored is None:  # steps vanished between the listing and now
         raise UserError(f"no checkpoints in {checkpoints.directory}")
-    global_state, _, step = restored
-    state = parallel.from_global(global_state)
+    variables, meta, step = restored
+    variables = parallel.from_global(variables)
     if note:
         _note(note)
-
+    model = build_model(config)
+    normalization = (np.asarray(meta["normalization"]["mean"], np.float32),
+                     np.asarray(meta["normalization"]["std"], np.float32))
     names = class_names(data)
-    if arrays is not None:
-        # The training split's statistics, as the trainer computed them.
-        stats = (np.asarray(trainer.host_train.mean), np.asarray(trainer.host_train.std))
-        logits, labels = _device_predictions(trainer, state, arrays, stats)
-        assert len(labels) == len(arrays.labels), "every example is evaluated exactly once"
-        rows = _first_of_each_class(labels, ACTIVATION_IMAGES)
-        display = arrays.images[rows]
-        inputs = (display.astype(np.float32) - stats[0]) / stats[1]
-    else:
-        logits, labels, kept, inputs, to_uint8 = _stream_predictions(trainer, state, spec)
-        display = to_uint8(inputs)
+    logits, labels, mistakes, inputs, display = _predictions(config, parallel, model, variables, spec, normalization)
 
     metrics = metrics_lib.classification_report(labels, logits, names, from_logits=True)
     records = reporting.read_metrics(workdir)
@@ -469,19 +410,15 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
 
     index, predicted, confidence = metrics_lib.most_confident_mistakes(labels, logits, MAX_MISTAKES,
                                                                        from_logits=True)
-    if arrays is not None:
-        images = arrays.images[index]
-    elif len(index):
-        images = np.stack([kept.kept[int(i)][1] for i in index])
-    else:
-        images = np.zeros((0, 1, 1, 3), np.uint8)
+    images = mistakes.images(index)
     cm = np.asarray(metrics["confusion_matrix"])
     wrong = int(cm.sum() - np.trace(cm))
     figures.mistakes_png(images, labels[index], predicted, confidence, names,
                          os.path.join(out_dir, files["mistakes"]),
                          title=f"most confident mistakes: {where} ({wrong:,} of {len(labels):,} misclassified)")
 
-    figures.activations_png(display, _activations(trainer, state, inputs),
+    host_variables = parallel.unreplicate(variables)
+    figures.activations_png(display, _activations(model, host_variables, inputs),
                             os.path.join(out_dir, files["activations"]),
                             max_images=ACTIVATION_IMAGES, title=f"feature maps: {where}")
     figures.curves_png(records, os.path.join(out_dir, files["curves"]),

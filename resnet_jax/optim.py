@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from resnet_jax import config as config_lib
+
 
 def _main_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
     """The schedule after warm-up. Step-based decays use absolute steps (He et al. decay at
     32k and 48k whether or not ResNet-110 warmed up for 400); the shaped ones (cosine,
     cyclical) span the steps left after warm-up."""
-    lr, warmup = optim.lr, optim.warmup_steps
+    lr, warmup = optim.lr, config_lib.steps(optim.warmup_steps, optim.warmup_epochs, steps_per_epoch)
     if optim.schedule == "constant":
         return optax.constant_schedule(lr)
     if optim.schedule == "multistep":
@@ -44,13 +46,14 @@ def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total_
       total_steps: the length of training, for the shaped schedules.
     """
     main = _main_schedule(optim, steps_per_epoch, total_steps)
-    if not optim.warmup_steps:
+    warmup = config_lib.steps(optim.warmup_steps, optim.warmup_epochs, steps_per_epoch)
+    if not warmup:
         return main
     if optim.warmup == "constant":  # He et al.'s ResNet-110: 0.01 until training gets going
         warm = optax.constant_schedule(optim.warmup_lr)
     else:
-        warm = optax.linear_schedule(optim.warmup_lr, optim.lr, optim.warmup_steps)
-    return lambda step: jnp.where(step < optim.warmup_steps, warm(step), main(step))
+        warm = optax.linear_schedule(optim.warmup_lr, optim.lr, warmup)
+    return lambda step: jnp.where(step < warmup, warm(step), main(step))
 
 
 def decay_mask(params, decay_bn_and_bias: bool):

@@ -1,17 +1,12 @@
 """TrainState, the per-device train and eval steps, and `train_and_evaluate`.
 
 `train_step` and `eval_step` are written for one device with collectives over the "data"
-axis; `parallel.Parallel` maps them over every device with shard_map or pmap. The host loop
-dispatches chunks of steps that end exactly where something must happen on the host (a
-log, an evaluation, a checkpoint, a new epoch), so a resumed run replays the same chunks.
+axis; the data pipeline (resnet_jax.data.pipeline) maps them over every device and feeds
+them. The loop below dispatches chunks of steps that end exactly where something must happen
+on the host (a log, an evaluation, a checkpoint), at absolute step numbers, so a resumed run
+replays the same chunks and ends bit for bit where an uninterrupted one would.
 """
 
-import functools
-import json
-import os
-import shutil
-import signal
-import sys
 import time
 from typing import Any
 
@@ -25,16 +20,14 @@ import optax
 from resnet_jax import config as config_lib
 from resnet_jax import metrics as metrics_lib
 from resnet_jax import models, optim
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpoint import Checkpoints, abstract_like
-from resnet_jax.data import device as device_data
-from resnet_jax.data import sources
+from resnet_jax.data import pipeline
 from resnet_jax.errors import UserError
 from resnet_jax.parallel import AXIS, Parallel
 from resnet_jax.reporting import Reporter
 
-# Fields that define what a run *is*: resuming with any of them changed would mix two runs.
-IDENTITY_FIELDS = ("model", "data.source", "data.name", "data.path", "data.image_size",
-                   "data.num_classes", "data.train_split", "train.batch_size", "train.seed")
+NO_NONFINITE_STEP = np.iinfo(np.int32).max
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -70,6 +63,13 @@ def create_train_state(model: models.ResNet, tx: optax.GradientTransformation, s
     return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params))
 
 
+def abstract_variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> dict:
+    """Shapes and dtypes of {"params", "batch_stats"}, traced, not compiled or run."""
+    variables = jax.eval_shape(lambda: build_model(config).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
 # ---------------------------------------------------------------------------------------
 # Per-device steps.
 
@@ -80,6 +80,10 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
     With sync BN the model normalises over the global batch itself (its BN layers pmean
     their statistics); otherwise each device normalises alone, like the paper's per-GPU BN,
     and the running statistics are averaged here so every replica holds the same state.
+
+    Returns:
+      The new state, and the step's metrics over the global batch: a dict whose every entry
+      is averaged over the steps between two logs (a new metric is one line here).
     """
 
     def loss_fn(params):
@@ -98,8 +102,7 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": jax.lax.pmean(loss, AXIS),
-        "correct": jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == batch["label"]), AXIS).astype(jnp.float32),
-        "examples": jax.lax.psum(batch["label"].shape[0], AXIS) * 1.0,
+        "error": 1.0 - jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS),
         "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
     }
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
@@ -119,24 +122,18 @@ def eval_step(state: TrainState, batch: dict, *, model) -> dict:
     return jax.lax.psum(sums, AXIS)
 
 
-def zero_accumulator() -> dict:
-    """Device-side sums of training metrics between two fetches by the host."""
-    zero = jnp.zeros((), jnp.float32)
-    return {"loss": zero, "correct": zero, "examples": zero, "grad_norm": zero, "steps": zero,
-            "first_nonfinite_step": jnp.full((), np.iinfo(np.int32).max, jnp.int32)}
+def zero_accumulator(metrics: dict) -> dict:
+    """Device-side sums of `metrics` (names -> scalars) between two fetches by the host."""
+    return {"sums": jax.tree.map(lambda _: np.float32(0), metrics), "steps": np.float32(0),
+            "first_nonfinite_step": np.int32(NO_NONFINITE_STEP)}
 
 
 def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    return {
-        "loss": acc["loss"] + metrics["loss"],
-        "correct": acc["correct"] + metrics["correct"],
-        "examples": acc["examples"] + metrics["examples"],
-        "grad_norm": acc["grad_norm"] + metrics["grad_norm"],
-        "steps": acc["steps"] + 1,
-        "first_nonfinite_step": jnp.where(finite, acc["first_nonfinite_step"],
-                                          jnp.minimum(acc["first_nonfinite_step"], step)),
-    }
+    """Adds one step's metrics; remembers the first step whose metrics were not finite."""
+    finite = jnp.all(jnp.stack([jnp.isfinite(m) for m in jax.tree.leaves(metrics)]))
+    return {"sums": jax.tree.map(jnp.add, acc["sums"], metrics), "steps": acc["steps"] + 1,
+            "first_nonfinite_step": jnp.where(finite, acc["first_nonfinite_step"],
+                                              jnp.minimum(acc["first_nonfinite_step"], step))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,244 +141,93 @@ def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
 
 
 class Trainer:
-    """Everything `train_and_evaluate` sets up once: model, optimiser, data, mapped steps."""
+    """What `train_and_evaluate` sets up once: data, model, optimiser, the mapped steps."""
 
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel):
         self.config, self.parallel = config, parallel
-        data, train = config.data, config.train
-        self.per_device_batch = train.batch_size // parallel.num_devices
-        self.per_device_eval_batch = train.eval_batch_size // parallel.num_devices
-        self.eval_splits = config_lib.parse_splits(data.eval_splits)
-
-        # Data first: a bad split or file must fail before anything is compiled or written.
-        if data.pipeline == "device":
-            train_arrays = sources.load_split(data, data.train_split)
-            self.num_train = len(train_arrays.labels)
-            stats = device_data.normalization_stats(data, train_arrays)
-            self.image_shape = train_arrays.images.shape[1:]
-            self.host_eval = {
-                name: device_data.host_data(sources.load_split(data, split), stats, train.eval_batch_size)
-                for name, split in self.eval_splits.items()
-            }
-            self.host_train = device_data.host_data(train_arrays, stats)
-        else:
-            from resnet_jax.data import stream
-
-            self.stream = stream
-            sources.prepare_tfds(data.name, data.data_dir)
-            self.num_train = stream.num_examples(data.name, data.train_split, data.data_dir)
-            self.image_shape = (data.image_size, data.image_size, 3)
-        self.steps_per_epoch = self.num_train // train.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"train.batch_size={train.batch_size} is larger than the {self.num_train} "
-                            f"training examples of {data.train_split!r}")
-
-        self.schedule = optim.make_schedule(config.optim, self.steps_per_epoch, train.total_steps)
+        # Data first: a bad split, file or array fails before anything is compiled or written.
+        self.data = pipeline.create(config, parallel)
+        self.image_shape = self.data.image_shape
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.total_steps = config_lib.validate_lengths(config, self.steps_per_epoch)
+        self.schedule = optim.make_schedule(config.optim, self.steps_per_epoch, self.total_steps)
         self.tx = optim.make_optimizer(config.optim, self.schedule)
         self.model = build_model(config, AXIS if config.model.bn_sync else None)
         self.eval_model = build_model(config)
-        self._chunks = {}
-        self._permutations = {}
-        # Chunks of steps_per_dispatch steps, capped at an epoch (see `device_chunk`).
-        self.steps_per_dispatch = min(train.steps_per_dispatch, self.steps_per_epoch)
+        # Chunks of steps_per_dispatch steps, capped at an epoch (a chunk crosses at most one
+        # epoch boundary; see DevicePipeline).
+        self.steps_per_dispatch = min(config.train.steps_per_dispatch, self.steps_per_epoch)
+        self.data.bind(self.step_and_accumulate, self.evaluate_step)
+        self.stream_step = parallel.wrap(self.step_and_accumulate, (None, 0, None), (None, None),
+                                         donate_argnums=(0, 2))
 
-    # -- mapped steps ----------------------------------------------------------------
-    def _train_kwargs(self):
-        return dict(model=self.model, tx=self.tx, bn_sync=self.config.model.bn_sync)
+    def step_and_accumulate(self, state: TrainState, batch: dict, acc: dict):
+        """The per-device step the pipelines run: keys from (seed, step), metrics summed."""
+        _, dropout_key = pipeline.step_keys(self.config.train.seed, state.step)
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
+        new_state, metrics = train_step(state, batch, dropout_key, model=self.model, tx=self.tx,
+                                        bn_sync=self.config.model.bn_sync)
+        return new_state, accumulate(acc, metrics, state.step)
 
-    def _keys(self, step):
-        """Augmentation and dropout keys of `step`: fold_in(seed, step), nothing else."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.train.seed), step)
-        augment_key, dropout_key = jax.random.split(key)
-        return augment_key, jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
+    def evaluate_step(self, state: TrainState, batch: dict) -> dict:
+        return eval_step(state, batch, model=self.eval_model)
 
-    def device_chunk(self, num_steps: int):
-        """`num_steps` steps on device-resident data, in one dispatch.
+    def abstract_state(self) -> TrainState:
+        """The layout of `init_state()`, traced, not compiled."""
+        return jax.eval_shape(lambda: create_train_state(self.eval_model, self.tx, self.config.train.seed,
+                                                         tuple(self.image_shape)))
 
-        It takes the permutations of two epochs, [2, N], starting at `first_epoch`, so a
-        chunk (at most an epoch long) may cross one epoch boundary.
-        """
-        if num_steps not in self._chunks:
-            data = self.config.data
-
-            def chunk(state, acc, train_data, permutations, first_epoch):
-                def one_step(carry, _):
-                    state, acc = carry
-                    augment_key, dropout_key = self._keys(state.step)
-                    permutation = permutations[state.step // self.steps_per_epoch - first_epoch]
-                    batch = device_data.train_batch(
-                        train_data, permutation, state.step, self.steps_per_epoch, self.per_device_batch,
-                        jax.lax.axis_index(AXIS), augment_key, data.crop_padding, data.flip,
-                    )
-                    new_state, metrics = train_step(state, batch, dropout_key, **self._train_kwargs())
-                    return (new_state, accumulate(acc, metrics, state.step)), None
-
-                if num_steps == 1:
-                    # Not a scan of length 1: XLA:CPU runs the kernel-gradient convolutions
-                    # ~20x slower inside a loop body (ResNet-20, batch 32: 0.26 s a step
-                    # dispatched alone, 5.3 s as a one-step scan).
-                    (state, acc), _ = one_step((state, acc), None)
-                    return state, acc
-                (state, acc), _ = jax.lax.scan(one_step, (state, acc), None, length=num_steps)
-                return state, acc
-
-            self._chunks[num_steps] = self.parallel.wrap(chunk, (None, None, None, None, None), (None, None),
-                                                          donate_argnums=(0, 1))
-        return self._chunks[num_steps]
-
-    @functools.cached_property
-    def stream_step(self):
-        def step(state, acc, batch):
-            _, dropout_key = self._keys(state.step)
-            new_state, metrics = train_step(state, batch, dropout_key, **self._train_kwargs())
-            return new_state, accumulate(acc, metrics, state.step)
-
-        return self.parallel.wrap(step, (None, None, 0), (None, None), donate_argnums=(0, 1))
-
-    @functools.cached_property
-    def device_eval(self):
-        def evaluate(state, eval_data):
-            num_batches = eval_data.labels.shape[0] // self.config.train.eval_batch_size
-            device_index = jax.lax.axis_index(AXIS)
-
-            def body(i, sums):
-                batch = device_data.eval_batch(eval_data, i, self.per_device_eval_batch, device_index)
-                return jax.tree.map(jnp.add, sums, eval_step(state, batch, model=self.eval_model))
-
-            zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "examples")}
-            return jax.lax.fori_loop(0, num_batches, body, zeros)
-
-        return self.parallel.wrap(evaluate, (None, None), None)
-
-    @functools.cached_property
-    def stream_eval(self):
-        return self.parallel.wrap(functools.partial(eval_step, model=self.eval_model), (None, 0), None)
-
-    def permutations(self, epoch: int):
-        """The data orders of `epoch` and the next, replicated (computed once an epoch)."""
-        if epoch not in self._permutations:
-            order = jax.jit(device_data.epoch_permutation, static_argnums=(2,))
-            two = [np.asarray(order(self.config.train.seed, e, self.num_train)) for e in (epoch, epoch + 1)]
-            self._permutations = {epoch: self.parallel.replicate((np.stack(two), np.int32(epoch)))}
-        return self._permutations[epoch]
-
-    # -- host side -------------------------------------------------------------------
     def init_state(self) -> TrainState:
         init = jax.jit(create_train_state, static_argnums=(0, 1, 2, 3))
         state = init(self.eval_model, self.tx, self.config.train.seed, tuple(self.image_shape))
         return self.parallel.replicate(jax.device_get(state))
 
-    def evaluate(self, state, eval_data: dict) -> dict[str, dict]:
-        """Exact evaluation of every split: each example counted once."""
-        results = {}
-        for name in self.eval_splits:
-            if self.config.data.pipeline == "device":
-                sums = self.parallel.unreplicate(self.device_eval(state, eval_data[name]))
-            else:
-                sums = None
-                for batch in self._eval_stream(name):
-                    out = self.parallel.unreplicate(self.stream_eval(state, self.parallel.shard(batch)))
-                    sums = out if sums is None else jax.tree.map(np.add, sums, out)
-            n = sums["examples"]
-            results[name] = {"loss": float(sums["loss"] / n), "error": float(1 - sums["top1"] / n),
-                             "top5_error": float(1 - sums["top5"] / n), "examples": int(n)}
-        return results
+    def zero_accumulator(self):
+        """Zero sums of the metrics `train_step` returns (their names, traced once)."""
+        per_device = self.config.train.batch_size // self.parallel.num_devices
+        batch = {"image": jax.ShapeDtypeStruct((1, per_device, *self.image_shape), jnp.float32),
+                 "label": jax.ShapeDtypeStruct((1, per_device), jnp.int32)}
+        step = lambda state, b: train_step(state, b, jax.random.PRNGKey(0), model=self.eval_model, tx=self.tx,
+                                           bn_sync=True)[1]
+        metrics = jax.eval_shape(jax.vmap(step, in_axes=(None, 0), axis_name=AXIS), self.abstract_state(), batch)
+        return self.parallel.replicate(zero_accumulator(metrics))
 
-    def _eval_stream(self, name):
-        return self.stream.make_stream(
-            self.config, self.eval_splits[name], train=False, global_batch_size=self.config.train.eval_batch_size,
-            seed=self.config.train.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-
-    def train_stream(self):
-        return self.stream.make_stream(
-            self.config, self.config.data.train_split, train=True, global_batch_size=self.config.train.batch_size,
-            seed=self.config.train.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        )
+    def chunk_length(self, step: int, next_event: int) -> int:
+        """Whole chunks, then single steps up to the next event: two compiled variants."""
+        return self.steps_per_dispatch if next_event - step >= self.steps_per_dispatch else 1
 
 
-def _flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
-        else:
-            out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+def _is_time(step: int, every: int, total: int) -> bool:
+    """big_vision's `itstime`: every `every` steps, and at the end."""
+    return step == total or (every > 0 and step % every == 0)
 
 
-def _identity(flat: dict) -> dict:
-    return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in IDENTITY_FIELDS)}
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -> None:
-    """Creates the workdir, refuses a different run in it, checks it is writable with room
-    for the checkpoints, and writes config.json. Raises UserError."""
-    config_path = os.path.join(workdir, "config.json")
-    new = _flatten(config)
-    if os.path.exists(config_path) and not config.overwrite:
-        with open(config_path) as f:
-            old = json.load(f)
-        differ = {k: (old.get(k), new.get(k)) for k in _identity(old) | _identity(new) if old.get(k) != new.get(k)}
-        if differ:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
-            raise UserError(f"{workdir} holds a different run ({shown}); use a new workdir or "
-                            "--config.overwrite=True to start over")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
-    needed = state_bytes * (config.train.keep_checkpoints + 2)
-    free = shutil.disk_usage(workdir).free
-    if free < needed:
-        raise UserError(f"not enough disk space in {workdir}: {free / 2**20:.0f} MiB free, checkpoints need "
-                        f"about {needed / 2**20:.0f} MiB")
-    if config.overwrite:
-        for name in ("checkpoints", "corrupt_checkpoints", "tensorboard", "report"):
-            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-            os.remove(os.path.join(workdir, "metrics.jsonl"))
-    if jax.process_index() == 0:
-        with open(config_path, "w") as f:
-            json.dump(new, f, indent=2, sort_keys=True)
-
-
-class _SignalFlag:
-    """The first SIGTERM/SIGINT asks for a checkpoint and a clean stop; the second exits at
-    once (Orbax's atomic renames keep the last complete checkpoint intact)."""
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: finishing the current step and writing a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _next_stop(step: int, total: int, *periods: int) -> int:
+def _next_event(step: int, total: int, *periods: int) -> int:
     """The first step after `step` at which the host has something to do."""
     return min([total] + [(step // p + 1) * p for p in periods if p > 0])
+
+
+def _restore_or_init(trainer: Trainer, checkpoints: Checkpoints) -> tuple[TrainState, dict, list[str]]:
+    """The latest good checkpoint, or a fresh state (from `train.init_from` if set); the
+    run's bookkeeping; and lines worth telling the user."""
+    parallel = trainer.parallel
+    meta = {"best_error": None, "best_step": None, "evals_since_best": 0, "stopped_early": None,
+            "data_state": None}
+    restored = checkpoints.restore(abstract_like(trainer.abstract_state(), parallel.replicated))
+    if restored:
+        global_state, saved_meta, _ = restored
+        return parallel.from_global(global_state), {**meta, **saved_meta}, []
+    state, notes = trainer.init_state(), []
+    if trainer.config.train.init_from:
+        from resnet_jax import convert  # fine-tuning only
+
+        host = parallel.unreplicate(state)
+        params, batch_stats, loaded, fresh = convert.load_initial_weights(
+            trainer.config.train.init_from, host.params, host.batch_stats)
+        notes.append(f"initialised from {trainer.config.train.init_from}: {len(loaded)} arrays "
+                                    f"loaded, {len(fresh)} fresh" + (f" ({', '.join(fresh)})" if fresh else ""))
+        state = parallel.replicate(host.replace(params=params, batch_stats=batch_stats))
+    return state, meta, notes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -392,125 +238,126 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "step" and "best" ({"step", "error"}).
 
     Raises:
-      UserError: bad config, data or workdir (nothing was written).
+      UserError: bad config, data or workdir (nothing was compiled or written).
       Preempted: a signal stopped the run after writing a checkpoint.
       NonFinite: the loss became NaN/inf; the last good checkpoint is untouched.
     """
     parallel = Parallel(config.parallel.backend)
     config_lib.validate(config, parallel.num_devices)
     trainer = Trainer(config, parallel)
-    train_cfg = config.train
-
-    state = trainer.init_state()
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(parallel.unreplicate(state)))
-    prepare_workdir(config, workdir, state_bytes)
-    checkpoints = Checkpoints(workdir, train_cfg.keep_checkpoints)
-    meta = {"best_error": None, "best_step": None, "evals_since_best": 0, "data_state": None}
+    data, train_cfg, total = trainer.data, config.train, trainer.total_steps
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state()))
+    lock = workdir_lib.prepare(config, workdir, state_bytes)
+    checkpoints = reporter = None
     try:
-        restored = checkpoints.restore(abstract_like(parallel.to_global(state), parallel.replicated))
-    except UserError:
-        checkpoints.close()  # stop Orbax's threads before the one-line exit
-        raise
-    if restored:
-        global_state, meta, _ = restored
-        state = parallel.from_global(global_state)
-    step = int(parallel.unreplicate(state.step))
+        checkpoints = Checkpoints(workdir, train_cfg.keep_checkpoints)
+        state, meta, notes = _restore_or_init(trainer, checkpoints)
+        data.set_state(meta["data_state"])
+        step = int(parallel.unreplicate(state.step))
+        meta["normalization"] = {"mean": np.asarray(data.normalization[0]).tolist(),
+                                 "std": np.asarray(data.normalization[1]).tolist()}
+        meta["image_shape"] = list(trainer.image_shape)
 
-    eval_every = train_cfg.eval_every or trainer.steps_per_epoch
-    reporter = Reporter(workdir, train_cfg.total_steps, step, train_cfg.progress)
-    reporter.print(f"{config.model.name} on {config.data.name} ({config.data.source}), "
-                   f"{parallel.describe()}, global batch {train_cfg.batch_size}, "
-                   f"{trainer.steps_per_epoch} steps/epoch, {'resuming at step ' + str(step) if step else 'from scratch'}")
-
-    if config.data.pipeline == "device":
-        train_data = parallel.replicate(trainer.host_train)
-        eval_data = {name: parallel.replicate(d) for name, d in trainer.host_eval.items()}
-        stream_it = None
-    else:
-        train_data = eval_data = None
-        stream_it = trainer.train_stream()
-        if meta.get("data_state"):
-            stream_it.set_state(meta["data_state"])
-
-    def save(step, error=None):
-        if stream_it is not None:
-            meta["data_state"] = stream_it.get_state()
-        checkpoints.save(step, parallel.to_global(state), dict(meta, step=step), error)
-
-    acc = parallel.replicate(jax.device_get(zero_accumulator()))
-    window_start, window_step = time.time(), step
-    final = {}
-    try:
-        with _SignalFlag() as interrupt:
-            while step < train_cfg.total_steps:
-                stop = _next_stop(step, train_cfg.total_steps, train_cfg.log_every, eval_every,
-                                  train_cfg.checkpoint_every)
-                while step < stop:
-                    if stream_it is None:
-                        # Whole chunks, then single steps up to the stop: two compiled variants.
-                        n = trainer.steps_per_dispatch if stop - step >= trainer.steps_per_dispatch else 1
-                        permutations, first_epoch = trainer.permutations(step // trainer.steps_per_epoch)
-                        state, acc = trainer.device_chunk(n)(state, acc, train_data, permutations, first_epoch)
-                    else:
-                        n = 1
-                        state, acc = trainer.stream_step(state, acc, parallel.shard(next(stream_it)))
-                    step += n
-                    reporter.advance_to(step)
-                    if interrupt.signal:
-                        break
-
-                is_log = step % train_cfg.log_every == 0 or step == train_cfg.total_steps
-                is_eval = step % eval_every == 0 or step == train_cfg.total_steps
-                is_checkpoint = step % train_cfg.checkpoint_every == 0 or step == train_cfg.total_steps
-                if not (is_log or is_eval or is_checkpoint or interrupt.signal):
-                    continue
-                sums = parallel.unreplicate(acc)  # the only host synchronisation
-                if sums["first_nonfinite_step"] < np.iinfo(np.int32).max:
-                    raise NonFinite(f"non-finite loss or gradient at step {int(sums['first_nonfinite_step'])}; "
-                                    f"stopped, checkpoints in {checkpoints.directory} are untouched "
-                                    "(lower optim.lr or check the data)")
-                if is_log and sums["steps"]:
-                    elapsed = time.time() - window_start
-                    reporter.write({
-                        "step": step, "split": "train", "loss": sums["loss"] / sums["steps"],
-                        "error": 1 - sums["correct"] / sums["examples"],
-                        "lr": float(trainer.schedule(step - 1)), "grad_norm": sums["grad_norm"] / sums["steps"],
-                        "images_per_sec": (step - window_step) * train_cfg.batch_size / max(elapsed, 1e-9),
-                    })
-                    acc = parallel.replicate(jax.device_get(zero_accumulator()))
-                    window_start, window_step = time.time(), step
-                error = None
-                if is_eval:
-                    final = trainer.evaluate(state, eval_data)
-                    for name, result in final.items():
-                        reporter.write({"step": step, "split": name, **{k: v for k, v in result.items() if k != "examples"}})
-                    watched = train_cfg.early_stopping_split or next(iter(final))
-                    error = final[watched]["error"]
-                    if meta["best_error"] is None or error < meta["best_error"]:
-                        meta.update(best_error=error, best_step=step, evals_since_best=0)
-                    else:
-                        meta["evals_since_best"] += 1
-                if is_checkpoint or is_eval or interrupt.signal:
-                    save(step, error)
-                if interrupt.signal:
-                    raise Preempted(f"{interrupt.signal} at step {step}: checkpoint saved in "
-                                    f"{checkpoints.directory}; run the same command again to resume")
-                patience = train_cfg.early_stopping_patience
-                if patience and meta["evals_since_best"] >= patience:
-                    reporter.print(f"early stopping at step {step}: no better {watched} error in {patience} evaluations")
-                    break
-        if not final:  # resumed a finished run: evaluate what is there
-            final = trainer.evaluate(state, eval_data)
+        reporter = Reporter(workdir, total, step, train_cfg.progress)
+        reporter.print(f"{config.model.name} on {config.data.name} ({config.data.source}), {parallel.describe()}, "
+                       f"global batch {train_cfg.batch_size}, {trainer.steps_per_epoch} steps/epoch, "
+                       + (f"resuming at step {step}" if step else "from scratch"))
+        if hasattr(reporter, "started"):
+            reporter.started(workdir, checkpoints.directory)
+        for line in notes:
+            reporter.print(line)
+        final = _loop(trainer, state, meta, step, checkpoints, reporter)
     finally:
-        reporter.close()
-        checkpoints.close()
+        if reporter is not None:
+            reporter.close()
+        if checkpoints is not None:
+            checkpoints.close()
+        data.close()
+        lock.release()
 
     minutes = (time.time() - reporter.start_time) / 60
     parts = [f"{name} error {100 * r['error']:.2f}% (top-5 {100 * r['top5_error']:.2f}%, {r['examples']} images)"
-             for name, r in final.items()]
+             for name, r in final["results"].items()]
     best = {"step": meta["best_step"], "error": meta["best_error"]}
     if jax.process_index() == 0:
-        print(f"done: {config.model.name} on {config.data.name}, step {step}, {minutes:.1f} min: " + ", ".join(parts)
-              + (f"; best {100 * best['error']:.2f}% at step {best['step']}" if best["error"] is not None else ""),
-              flush=True)
-    return {**final, "step": step, "best": best}
+        print(f"done: {config.model.name} on {config.data.name}, step {final['step']}, {minutes:.1f} min: "
+              + ", ".join(parts)
+              + (f"; best {100 * best['error']:.2f}% at step {best['step']}" if best["error"] is not None else "")
+              + (f"; stopped early at step {meta['stopped_early']}" if meta["stopped_early"] else ""), flush=True)
+    return {**final["results"], "step": final["step"], "best": best}
+
+
+def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoints: Checkpoints,
+          reporter: Reporter) -> dict:
+    """Chunks of steps until the end (or an early stop); logs, evaluates and checkpoints
+    when it is time. Returns {"results": last evaluation, "step"}."""
+    config, parallel, data, total = trainer.config, trainer.parallel, trainer.data, trainer.total_steps
+    train_cfg = config.train
+    eval_every = train_cfg.eval_every or trainer.steps_per_epoch
+    watched = train_cfg.early_stopping_split or next(iter(data.eval_splits), None)
+    periods = (train_cfg.log_every, eval_every, train_cfg.checkpoint_every)
+    acc = trainer.zero_accumulator()
+    results = {}
+    window_start, window_step, paused_s = time.time(), step, 0.0
+
+    def save(step: int, error: float | None) -> None:
+        meta["data_state"] = data.get_state()
+        checkpoints.save(step, parallel.to_global(state), dict(meta, step=step), error)
+
+    with workdir_lib.SignalFlag() as interrupt:
+        while step < total and not meta["stopped_early"]:
+            num_steps = trainer.chunk_length(step, _next_event(step, total, *periods))
+            state, acc = data.train(state, acc, num_steps, step)
+            step += num_steps
+            reporter.advance_to(step)
+            is_log, is_eval, is_checkpoint = (_is_time(step, every, total) for every in periods)
+            if not (is_log or is_eval or is_checkpoint or interrupt.signal):
+                continue
+            sums = parallel.unreplicate(acc)  # the only host synchronisation
+            if sums["first_nonfinite_step"] != NO_NONFINITE_STEP:
+                raise NonFinite(f"non-finite loss or gradient at step {int(sums['first_nonfinite_step'])}; "
+                                f"stopped, checkpoints in {checkpoints.directory} are untouched "
+                                "(lower optim.lr or check the data)")
+            if is_log and sums["steps"]:
+                elapsed = time.time() - window_start - paused_s
+                reporter.write({"step": step, "split": "train",
+                                **{k: v / sums["steps"] for k, v in sums["sums"].items()},
+                                "lr": float(trainer.schedule(step - 1)),
+                                "images_per_sec": (step - window_step) * train_cfg.batch_size / max(elapsed, 1e-9)})
+                acc = trainer.zero_accumulator()
+                window_start, window_step, paused_s = time.time(), step, 0.0
+            busy_since = time.time()
+            error, new_best = None, False
+            if is_eval:
+                results = data.evaluate(state)
+                error = results[watched]["error"]
+                new_best = meta["best_error"] is None or error < meta["best_error"]
+                if new_best:
+                    meta.update(best_error=error, best_step=step, evals_since_best=0)
+                else:
+                    meta["evals_since_best"] += 1
+                _report_evaluation(reporter, step, results, meta, watched)
+                patience = train_cfg.early_stopping_patience
+                if patience and meta["evals_since_best"] >= patience:
+                    meta["stopped_early"] = step
+                    reporter.print(f"early stopping at step {step}: no better {watched} error in {patience} "
+                                   "evaluations")
+            # Checkpoints at their cadence, at the end, when stopping, and when an evaluation
+            # sets a new best (so the best one always exists to evaluate later).
+            if is_checkpoint or new_best or meta["stopped_early"] or interrupt.signal:
+                save(step, error)
+            paused_s += time.time() - busy_since  # images/s counts training time only
+            if interrupt.signal:
+                raise Preempted(f"{interrupt.signal} at step {step}: checkpoint saved in "
+                                f"{checkpoints.directory}; run the same command again to resume")
+    if not results:  # resumed a finished run: evaluate what is there
+        results = data.evaluate(state)
+    return {"results": results, "step": step}
+
+
+def _report_evaluation(reporter: Reporter, step: int, results: dict, meta: dict, watched: str) -> None:
+    if hasattr(reporter, "evaluated"):
+        reporter.evaluated(step, results, meta["best_step"], meta["best_error"], watched)
+        return
+    for name, result in results.items():
+        reporter.write({"step": step, "split": name, **{k: v for k, v in result.items() if k != "examples"}})

@@ -63,8 +63,7 @@ def restore_state(workdir, step=None):
     config = load_config(workdir)
     parallel = Parallel()
     trainer = train.Trainer(config, parallel)
-    template = jax.eval_shape(lambda: train.create_train_state(
-        trainer.eval_model, trainer.tx, config.train.seed, tuple(trainer.image_shape)))
+    template = trainer.abstract_state()
     checkpoints = Checkpoints(workdir)
     try:
         state, meta, restored_step = checkpoints.restore(abstract_like(template, parallel.replicated), step)

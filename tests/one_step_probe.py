@@ -31,8 +31,8 @@ if __name__ == "__main__":
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
     before = parallel.unreplicate(state)
-    acc = parallel.replicate(jax.device_get(train.zero_accumulator()))
-    state, acc = trainer.stream_step(state, acc, parallel.shard(fixed_batch()))
+    acc = trainer.zero_accumulator()
+    state, acc = trainer.stream_step(state, parallel.shard(fixed_batch()), acc)
     after = parallel.unreplicate(state)
     np.savez(out, **flat("before", (before.params, before.batch_stats)),
              **flat("after", (after.params, after.batch_stats)), devices=parallel.num_devices)

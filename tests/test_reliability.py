@@ -159,9 +159,9 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
 
 def test_not_enough_disk_space_is_detected_before_training(tmp_path):
     from helpers import tiny_config
-    from resnet_jax import train
+    from resnet_jax import workdir
     from resnet_jax.errors import UserError
 
     with pytest.raises(UserError, match="not enough disk space"):
-        train.prepare_workdir(tiny_config(), str(tmp_path / "run"), state_bytes=2**62)
+        workdir.prepare(tiny_config(), str(tmp_path / "run"), state_bytes=2**62)
     assert not (tmp_path / "run" / "config.json").exists()

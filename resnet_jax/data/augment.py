@@ -3,9 +3,6 @@
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
 
 def normalize(images: jnp.ndarray, mean: jnp.ndarray, std: jnp.ndarray) -> jnp.ndarray:
     """uint8 -> float32 (x - mean) / std; mean/std broadcast (per pixel [H,W,C] or per channel [C])."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax.data import augment
+from resnet_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment
 from resnet_jax.data.sources import Arrays
 
 
@@ -35,7 +35,7 @@ def normalization_stats(data: ml_collections.ConfigDict, train: Arrays) -> tuple
         pixels = train.images.reshape(-1, channels).astype(np.float64)
         return pixels.mean(0).astype(np.float32), pixels.std(0).astype(np.float32)
     if data.normalization == "imagenet":
-        return np.float32(augment.IMAGENET_MEAN), np.float32(augment.IMAGENET_STD)
+        return np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
     return np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
 
 

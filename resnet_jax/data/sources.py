@@ -51,12 +51,77 @@ def slice_split(split: str, arrays: dict[str, Arrays]) -> Arrays:
 def _npz(data: ml_collections.ConfigDict) -> dict[str, Arrays]:
     if not os.path.isfile(data.path):
         raise UserError(f"data file not found: {data.path}")
-    with np.load(data.path) as npz:
-        names = [k[2:] for k in npz.files if k.startswith("x_") and f"y_{k[2:]}" in npz.files]
-        arrays = {n: Arrays(npz[f"x_{n}"], npz[f"y_{n}"].astype(np.int32)) for n in names}
-    if not arrays:
+    try:
+        with np.load(data.path) as npz:
+            names = [k[2:] for k in npz.files if k.startswith("x_") and f"y_{k[2:]}" in npz.files]
+            raw = {n: (npz[f"x_{n}"], npz[f"y_{n}"]) for n in names}
+    except Exception as error:  # not a zip, truncated, pickled objects: numpy raises many kinds
+        raise UserError(f"cannot read {data.path} as an .npz of arrays ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); write it with "
+                        "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from None
+    if not raw:
         raise UserError(f"{data.path} holds no x_<split>/y_<split> arrays")
-    return arrays
+    return {n: validated(images, labels, data, f"x_{n}", f"y_{n}") for n, (images, labels) in raw.items()}
+
+
+def validated(images: np.ndarray, labels: np.ndarray, data: ml_collections.ConfigDict,
+              image_name: str = "images", label_name: str = "labels") -> Arrays:
+    """Checks one split's arrays and brings them to uint8 [N, H, W, C] and int32 [N].
+
+    Accepts [N, H, W] images (adds a channel axis), integer pixels within 0..255, and float
+    images when `data.float_image_max` says what a white pixel is (1.0 or 255.0).
+
+    Raises:
+      UserError: naming the array and the fix.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise UserError(f"{image_name} has shape {list(images.shape)}; images must be [N, H, W, C] or [N, H, W]")
+    if images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+        raise UserError(f"{image_name} looks channels-first {list(images.shape)}; store [N, H, W, C] "
+                        f"(numpy: x.transpose(0, 2, 3, 1))")
+    if np.issubdtype(images.dtype, np.floating):
+        if not data.float_image_max > 0:
+            raise UserError(f"{image_name} holds {images.dtype} images; store uint8 pixels 0..255, or set "
+                            "--config.data.float_image_max=1.0 (or 255.0) to say what a white pixel is")
+        images = np.clip(np.rint(images * (255.0 / data.float_image_max)), 0, 255).astype(np.uint8)
+    elif images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.integer) or (images.size and (images.min() < 0 or images.max() > 255)):
+            raise UserError(f"{image_name} holds {images.dtype} values outside 0..255; store uint8 pixels")
+        images = images.astype(np.uint8)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise UserError(f"{label_name} has shape {list(labels.shape)} (one-hot?); store class indices [N] "
+                        "(numpy: y.argmax(1))")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{label_name} holds {labels.dtype} values; store integer class indices")
+    if len(labels) != len(images):
+        raise UserError(f"{image_name} has {len(images)} images but {label_name} has {len(labels)} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= data.num_classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise UserError(f"{label_name} holds label {bad}, outside [0, {data.num_classes}) of data.num_classes="
+                        f"{data.num_classes}; fix the labels or set --config.data.num_classes")
+    return Arrays(images, labels.astype(np.int32))
+
+
+def check_consistent(data: ml_collections.ConfigDict, train: Arrays, evals: dict[str, Arrays]) -> None:
+    """Every eval split has the training images' shape, and data.image_size matches them.
+
+    Raises:
+      UserError: naming the split and the fix.
+    """
+    shape = train.images.shape[1:]
+    if shape[0] != data.image_size or shape[1] != data.image_size:
+        raise UserError(f"the training images are {shape[0]}x{shape[1]} but data.image_size={data.image_size}; "
+                        f"set --config.data.image_size={shape[0]}" if shape[0] == shape[1] else
+                        f"the training images are {shape[0]}x{shape[1]}, not square; crop or pad them to a square")
+    for name, arrays in evals.items():
+        if arrays.images.shape[1:] != shape:
+            raise UserError(f"eval split {name!r} has images of shape {list(arrays.images.shape[1:])}, the training "
+                            f"images {list(shape)}; resize them to the training size")
 
 
 def _digits(data: ml_collections.ConfigDict) -> dict[str, Arrays]:
@@ -103,11 +168,12 @@ def prepare_tfds(name: str, data_dir: str | None) -> None:
     absl_logger.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" before our line
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
+        prepared = builder.is_prepared()
     except Exception as error:  # TFDS raises DatasetNotFoundError with a long listing
         raise UserError(f"unknown TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
     finally:
         absl_logger.setLevel(level)
-    if builder.is_prepared():
+    if prepared:
         return
     root = data_dir or tfds.core.constants.DATA_DIR
     instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
@@ -171,19 +237,30 @@ def _tfds(data: ml_collections.ConfigDict, split: str) -> Arrays:
     records = source.__getitems__(range(len(source)))
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
     labels = np.asarray([r["label"] for r in records], np.int32)
-    if images.ndim == 3:
-        images = images[..., None]
     return Arrays(images, labels)
 
 
-def load_split(data: ml_collections.ConfigDict, split: str) -> Arrays:
-    """Loads one split of `config.data` into host memory.
+def load_split(data: ml_collections.ConfigDict, split: str, role: str = "") -> Arrays:
+    """Loads one split of `config.data` into host memory, validated (see `validated`).
+
+    Args:
+      role: what the split is for ("training", "eval split 'test'"), named in errors.
 
     Raises:
-      UserError: unknown split or dataset, or a missing file.
+      UserError: unknown split or dataset, a missing or unreadable file, bad arrays.
     """
+    try:
+        return _load_split(data, split)
+    except UserError as error:
+        if role and not str(error).startswith("data file not found"):
+            raise UserError(f"{role} ({split}): {error}") from None
+        raise
+
+
+def _load_split(data: ml_collections.ConfigDict, split: str) -> Arrays:
     if data.source == "tfds":
-        return _tfds(data, split)
+        arrays = _tfds(data, split)
+        return validated(arrays.images, arrays.labels, data)
     if data.source == "npz":
         return slice_split(split, _npz(data))
     if data.source == "digits":

@@ -33,10 +33,11 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from resnet_jax import data as data_constants
 from resnet_jax.errors import UserError
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+IMAGENET_MEAN = np.array(data_constants.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(data_constants.IMAGENET_STD, np.float32)
 NORMALIZATIONS = ("imagenet", "none")
 _INFINITE = sys.maxsize  # grain's range needs a stop; training never reaches it
 
@@ -56,6 +57,13 @@ def _open(name: str, split: str, data_dir: str):
         raise UserError(f"cannot read TFDS {name!r} split {split!r} from data_dir="
                         f"{data_dir or 'default'!r} as ArrayRecord ({reason}); prepare it first "
                         "with resnet_jax.data.sources.prepare_tfds") from None
+
+
+def normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) the streamed images are normalised with: ImageNet's, or scaling to [0, 1]."""
+    if name == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return np.zeros(3, np.float32), np.full(3, 255.0, np.float32)
 
 
 def num_examples(name: str, split: str, data_dir: str = "") -> int:

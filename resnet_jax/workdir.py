@@ -1,0 +1,175 @@
+"""A run's directory: its config.json, the lock that keeps one run in it, and the signals.
+
+`prepare` is called once the config and the data have been validated and before anything is
+compiled: it takes the lock, refuses a different run, checks the directory is writable with
+room for the checkpoints, and writes config.json.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+
+from resnet_jax.errors import UserError
+
+# Fields that define what a run *is*: resuming with any of them changed would mix two runs.
+IDENTITY_FIELDS = ("model", "data.source", "data.name", "data.path", "data.image_size",
+                   "data.num_classes", "data.train_split", "train.batch_size", "train.seed")
+LOCK_FILE = ".lock"
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{"model.name": ..., "train.batch_size": ...}: the form config.json holds."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `workdir/config.json` (process 0 only)."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(flatten(config), f, indent=2, sort_keys=True)
+
+
+def _identity(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in IDENTITY_FIELDS)}
+
+
+class Lock:
+    """One run per workdir: an exclusive flock on `workdir/.lock`, which holds "PID HOST".
+
+    The operating system drops the lock when its process dies, however it dies, so a lock
+    left by a dead process is simply taken over (with a warning naming it).
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd = None
+
+    def acquire(self) -> None:
+        """Raises UserError if another live process holds the lock."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            pid, host = (holder + ["?", "?"])[:2]
+            raise UserError(f"{os.path.dirname(self.path)} is in use by process {pid} on {host}; wait for it "
+                            "to finish, stop it, or use another workdir") from None
+        holder = os.read(fd, 200).decode(errors="replace").split()
+        if holder:
+            _warn(f"taking over the lock of {os.path.dirname(self.path)} from process {holder[0]} on "
+                  f"{holder[-1]}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty lock file: nobody to take over from
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -> Lock:
+    """Creates and locks the workdir, refuses a different run in it, checks it is writable
+    with room for the checkpoints, and writes config.json. Only process 0 locks.
+
+    Returns:
+      The held Lock (release it when the run ends).
+
+    Raises:
+      UserError: nothing in the workdir was changed (but for creating it and its lock).
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
+    lock = Lock(workdir)
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except PermissionError as error:
+            raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
+    try:
+        _check(config, workdir, state_bytes)
+        if config.overwrite:
+            for name in ("checkpoints", "corrupt_checkpoints", "tensorboard", "report"):
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+                os.remove(os.path.join(workdir, "metrics.jsonl"))
+        write_config(config, workdir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -> None:
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path) and not config.overwrite:
+        try:
+            with open(config_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read {config_path} ({error}); move it away or set --config.overwrite=True") from None
+        new = flatten(config)
+        differ = {k: (old.get(k), new.get(k)) for k in _identity(old) | _identity(new) if old.get(k) != new.get(k)}
+        if differ:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differ.items()))
+            raise UserError(f"{workdir} holds a different run ({shown}); use a new workdir or "
+                            "--config.overwrite=True to start over")
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"workdir {workdir} is not writable")
+    needed = state_bytes * (config.train.keep_checkpoints + 2)
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise UserError(f"not enough disk space in {workdir}: {free / 2**20:.0f} MiB free, checkpoints need "
+                        f"about {needed / 2**20:.0f} MiB")
+
+
+class SignalFlag:
+    """The first SIGTERM/SIGINT asks for a checkpoint and a clean stop; the second exits at
+    once (Orbax's atomic renames keep the last complete checkpoint intact)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: finishing the current step and writing a checkpoint "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
