@@ -78,7 +78,8 @@ class Reporter:
 
         Args:
           step: the step evaluated.
-          results: {split: {"loss", "error", "top5_error", "examples"}}.
+          results: {split: {"loss", "error", "top5_error", "examples"}}; "examples" goes to
+            metrics.jsonl only (experiments read it to size their error bars).
           best_step: the step of the best `watched` error so far (None before any).
           best_error: that error.
           watched: the split whose error decides the best checkpoint.
@@ -86,7 +87,7 @@ class Reporter:
         if not self.enabled:
             return
         for name, result in results.items():
-            self._record({"step": step, "split": name, **{k: v for k, v in result.items() if k != "examples"}})
+            self._record({"step": step, "split": name, **result})
         parts = []
         for name, result in results.items():
             part = f"{name} err {_percent(result['error'])}"
@@ -127,7 +128,7 @@ class Reporter:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for name, value in record.items():
-            if name not in ("step", "split"):
+            if name not in ("step", "split", "examples"):  # examples: how many images, not a metric
                 self.tensorboard.add_scalar(f"{record['split']}/{name}", value, record["step"])
         self.tensorboard.flush()
         return record
