@@ -533,6 +533,45 @@ def degradation_png(
     return _save(fig, path)
 
 
+def study_png(
+    variants: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str | os.PathLike,
+    *, title: str = "ablation", eval_name: str = "test",
+) -> str:
+    """One ablation study: training error (left, thin dashed) and `eval_name` error (right,
+    bold with markers) against step, one colour per variant; seeds averaged as in Fig. 6.
+
+    Args:
+      variants: (label, runs) pairs, the runs as for `degradation_png` ("steps",
+        "train_error", "eval_steps", "test_error").
+      path: where to write the PNG.
+      title: figure title.
+      eval_name: the evaluation split's name, for the right panel's title.
+
+    Returns:
+      `path` as a string.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    panels = ((axes[0], "steps", "train_error", dict(linestyle="--", linewidth=1.2)),
+              (axes[1], "eval_steps", "test_error", dict(linestyle="-", linewidth=2.2, marker="o", markersize=4)))
+    for index, (label, runs) in enumerate(variants):
+        for ax, steps_key, error_key, style in panels:
+            steps, errors = _mean_curve([(r.get(steps_key) or [], r.get(error_key) or []) for r in runs])
+            if len(steps):
+                seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+                ax.plot(steps, 100 * errors, color=f"C{index % 10}", label=label + seeds, **style)
+    for ax, name in ((axes[0], "training error (running, augmented batches)"), (axes[1], f"{eval_name} error")):
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("iterations")
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=9)
+        else:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- gradient flow
 
 
