@@ -262,8 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         reporter.print(f"{config.model.name} on {config.data.name} ({config.data.source}), {parallel.describe()}, "
                        f"global batch {train_cfg.batch_size}, {trainer.steps_per_epoch} steps/epoch, "
                        + (f"resuming at step {step}" if step else "from scratch"))
-        if hasattr(reporter, "started"):
-            reporter.started(workdir, checkpoints.directory)
+        reporter.started(workdir, checkpoints.directory)
         for line in notes:
             reporter.print(line)
         final = _loop(trainer, state, meta, step, checkpoints, reporter)
@@ -336,7 +335,7 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
                     meta.update(best_error=error, best_step=step, evals_since_best=0)
                 else:
                     meta["evals_since_best"] += 1
-                _report_evaluation(reporter, step, results, meta, watched)
+                reporter.evaluated(step, results, meta["best_step"], meta["best_error"], watched)
                 patience = train_cfg.early_stopping_patience
                 if patience and meta["evals_since_best"] >= patience:
                     meta["stopped_early"] = step
@@ -353,11 +352,3 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
     if not results:  # resumed a finished run: evaluate what is there
         results = data.evaluate(state)
     return {"results": results, "step": step}
-
-
-def _report_evaluation(reporter: Reporter, step: int, results: dict, meta: dict, watched: str) -> None:
-    if hasattr(reporter, "evaluated"):
-        reporter.evaluated(step, results, meta["best_step"], meta["best_error"], watched)
-        return
-    for name, result in results.items():
-        reporter.write({"step": step, "split": name, **{k: v for k, v in result.items() if k != "examples"}})

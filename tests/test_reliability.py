@@ -3,6 +3,7 @@ really damaged checkpoint files, a really diverging loss."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,12 +72,22 @@ def test_second_signal_exits_at_once_keeping_last_checkpoint(tmp_path):
 
 
 def test_kill_9_then_same_command_resumes_bitwise(tmp_path, straight):
+    """Also the workdir lock: the same command started twice is refused while the first runs
+    (touching nothing), and the lock a killed run leaves is taken over with a warning."""
     proc = _start(tmp_path, LONG)
     _wait_for(tmp_path / "checkpoints" / "30", proc)
+    config_written = os.stat(tmp_path / "config.json").st_mtime_ns
+    second = run_main(tmp_path, LONG, check=False)
+    assert second.returncode == 2 and proc.poll() is None
+    assert second.stderr.strip() == (f"error: {tmp_path} is in use by process {proc.pid} on {socket.gethostname()}; "
+                                     "wait for it to finish, stop it, or use another workdir")
+    assert os.stat(tmp_path / "config.json").st_mtime_ns == config_written
     proc.kill()
     proc.communicate()
     resumed = run_main(tmp_path, LONG)
     assert "resuming at step" in resumed.stdout
+    assert (f"warning: taking over the lock of {tmp_path} from process {proc.pid} on {socket.gethostname()}, "
+            "which is no longer running") in resumed.stderr
     final, step = restore_state(tmp_path)
     assert step == 150 and tree_equal(final, straight)
 

@@ -269,3 +269,18 @@ def test_early_stopping_counts_evaluations(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 15
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "test"] == [5, 10, 15]
+
+
+def test_rerunning_an_early_stopped_run_trains_no_further(tmp_path, capsys):
+    """The stop is recorded in the checkpoint: the same command reports the finished run."""
+    config = tiny_config(**{"train.total_steps": 40, "train.eval_every": 5, "train.early_stopping_patience": 2,
+                            "optim.schedule": "constant", "optim.lr": 1e-12})
+    first = train.train_and_evaluate(config, str(tmp_path))
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    steps_saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert first["step"] == again["step"] == 15
+    assert again["test"]["error"] == first["test"]["error"]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == records  # nothing trained or logged
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == steps_saved
+    assert "stopped early at step 15" in capsys.readouterr().out.strip().splitlines()[-1]

@@ -48,7 +48,7 @@ def slice_split(split: str, arrays: dict[str, Arrays]) -> Arrays:
     return out
 
 
-def _npz(data: ml_collections.ConfigDict) -> dict[str, Arrays]:
+def _npz(data: ml_collections.ConfigDict, split: str) -> dict[str, Arrays]:
     if not os.path.isfile(data.path):
         raise UserError(f"data file not found: {data.path}")
     try:
@@ -61,7 +61,10 @@ def _npz(data: ml_collections.ConfigDict) -> dict[str, Arrays]:
                         "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from None
     if not raw:
         raise UserError(f"{data.path} holds no x_<split>/y_<split> arrays")
-    return {n: validated(images, labels, data, f"x_{n}", f"y_{n}") for n, (images, labels) in raw.items()}
+    # Only the requested split is validated (with its own array names in the message).
+    base = _SLICE.match(split.replace(" ", ""))
+    return {n: (validated(images, labels, data, f"x_{n}", f"y_{n}") if base and base.group(1) == n
+                else Arrays(images, labels)) for n, (images, labels) in raw.items()}
 
 
 def validated(images: np.ndarray, labels: np.ndarray, data: ml_collections.ConfigDict,
@@ -262,7 +265,7 @@ def _load_split(data: ml_collections.ConfigDict, split: str) -> Arrays:
         arrays = _tfds(data, split)
         return validated(arrays.images, arrays.labels, data)
     if data.source == "npz":
-        return slice_split(split, _npz(data))
+        return slice_split(split, _npz(data, split))
     if data.source == "digits":
         return slice_split(split, _digits(data))
     if data.source == "synthetic":
