@@ -120,7 +120,8 @@ def grid_points(grid: int, span: float, dims: int) -> tuple[np.ndarray, np.ndarr
 
 
 def sweep(model: Any, variables: dict, directions: list, points: np.ndarray, inputs: np.ndarray,
-          labels: np.ndarray, *, batch: int = 500, points_per_block: int = 1) -> tuple[np.ndarray, np.ndarray]:
+          labels: np.ndarray, *, batch: int = 500, points_per_block: int = 1,
+          timing: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Loss and error at theta + sum_k points[:, k] * directions[k], in one jitted call.
 
     Args:
@@ -131,6 +132,7 @@ def sweep(model: Any, variables: dict, directions: list, points: np.ndarray, inp
       inputs: normalised images [N, H, W, C]; labels: [N].
       batch: examples per forward pass.
       points_per_block: points vmapped together inside a device's `lax.map`.
+      timing: if given, receives "compile_seconds" and "sweep_seconds".
 
     Returns:
       (loss [P], error [P]) as numpy arrays.
@@ -155,8 +157,14 @@ def sweep(model: Any, variables: dict, directions: list, points: np.ndarray, inp
                                    out_specs=(P("points"), P("points")), check_vma=False))
     replicated = NamedSharding(mesh, P())
     put = lambda tree: jax.device_put(tree, replicated)
-    loss, error = mapped(put(variables["params"]), put(variables["batch_stats"]), put(list(directions)),
-                         put(x), put(y), put(mask), jax.device_put(coefficients, NamedSharding(mesh, P("points"))))
+    args = (put(variables["params"]), put(variables["batch_stats"]), put(list(directions)), put(x), put(y),
+            put(mask), jax.device_put(coefficients, NamedSharding(mesh, P("points"))))
+    start = time.perf_counter()
+    compiled = mapped.lower(*args).compile()
+    compiled_at = time.perf_counter()
+    loss, error = jax.device_get(compiled(*args))
+    if timing is not None:
+        timing.update(compile_seconds=compiled_at - start, sweep_seconds=time.perf_counter() - compiled_at)
     return np.asarray(loss)[:count], np.asarray(error)[:count]
 
 
@@ -167,16 +175,16 @@ def landscape(run: common.Run, *, grid: int, span: float, dims: int, examples: i
     Returns:
       {"workdir", "label", "model", "step", "examples", "loss", "error" (lists: [grid] for
       dims=1, [grid][grid] rows over b for dims=2), "centre": {"loss", "error"},
-      "direction_norms" (global L2 norm of each direction), "seconds"}.
+      "direction_norms" (global L2 norm of each direction), "compile_seconds", "seconds" (the
+      sweep itself)}.
     """
     images, labels = common.subset(*run.load(run.config.data.train_split), examples, seed)
     rng = np.random.default_rng(seed)
     directions = [filter_normalized_direction(run.variables["params"], rng) for _ in range(dims)]
     coords, points = grid_points(grid, span, dims)
-    start = time.perf_counter()
+    timing = {}
     loss, error = sweep(run.model, run.variables, directions, points, run.normalize(images), labels,
-                        batch=batch, points_per_block=points_per_block)
-    seconds = time.perf_counter() - start
+                        batch=batch, points_per_block=points_per_block, timing=timing)
     shape = (grid,) * dims
     centre = (grid // 2,) * dims
     loss, error = loss.reshape(shape), error.reshape(shape)
@@ -187,7 +195,7 @@ def landscape(run: common.Run, *, grid: int, span: float, dims: int, examples: i
         "centre": {"loss": float(loss[centre]), "error": float(error[centre])},
         "direction_norms": [float(math.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(d))))
                             for d in directions],
-        "seconds": round(seconds, 2),
+        "compile_seconds": round(timing["compile_seconds"], 2), "seconds": round(timing["sweep_seconds"], 2),
     }
 
 
@@ -232,7 +240,7 @@ def run(argv: list[str]) -> int:
         result = landscape(one, grid=FLAGS.grid, span=FLAGS.span, dims=FLAGS.dims, examples=FLAGS.examples,
                            seed=FLAGS.seed, batch=FLAGS.batch, points_per_block=FLAGS.points_per_block)
         print(f"{result['label']}: {FLAGS.grid ** FLAGS.dims} points x {result['examples']} images in "
-              f"{result['seconds']:.1f} s; centre loss {result['centre']['loss']:.4f}, error "
+              f"{result['seconds']:.1f} s (+ {result['compile_seconds']:.1f} s to compile); centre loss {result['centre']['loss']:.4f}, error "
               f"{100 * result['centre']['error']:.2f} %; loss range {np.min(result['loss']):.3f} .. "
               f"{np.max(result['loss']):.3f}", flush=True)
         runs.append(result)

@@ -142,7 +142,7 @@ def test_sweep_evaluates_the_right_points_in_one_call():
     loss, error = landscape.sweep(run.model, run.variables, directions, points, inputs, labels, batch=40)
     blocked = landscape.sweep(run.model, run.variables, directions, points, inputs, labels, batch=40,
                               points_per_block=4)
-    np.testing.assert_allclose(blocked[0], loss, rtol=1e-5)
+    np.testing.assert_allclose(blocked[0], loss, rtol=1e-4)  # vmapped convs: GPUs round differently (3e-5)
     np.testing.assert_array_equal(blocked[1], error)
     a, b = points[2]  # (0.5, -0.5)
     params = jax.tree.map(lambda w, d1, d2: w + a * d1 + b * d2, run.variables["params"], *directions)
