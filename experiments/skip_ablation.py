@@ -1,64 +1,65 @@
 """What the skip connection's details do: shortcut A/B/C, zero-init, BN mode, gradient flow.
 
-    python -m experiments.skip_ablation --workdir=runs/ablation                      # paper
-    python -m experiments.skip_ablation --workdir=runs/ablation_short --schedule=short \
-        --data=npz:/work/shared/data/cifar10/cifar10.npz
+    python -m experiments.skip_ablation --workdir=runs/ablation                   # paper
+    python -m experiments.skip_ablation --workdir=runs/ablation_short --schedule=short \\
+        --data=npz:../shared/data/cifar10/cifar10.npz
     python -m experiments.skip_ablation --workdir=/tmp/abl --schedule=smoke --study=gradient_flow
 
-Studies (--study, comma separated; all by default), each a set of ResNet-`--depth` runs
-trained by `train_and_evaluate` with experiments/degradation.py's schedules, one workdir
-per run, finished runs skipped and interrupted ones resumed exactly as there:
+Studies (--study, comma separated; all by default). The trained ones are ResNet-`--depth` runs
+of the configs/cifar.py variant `resnet<depth>,<schedule>[,<source>]` with one config field
+overridden, each a `python -m resnet_jax.main` command (printed as it starts and in table.md),
+one workdir each; finished runs are skipped and interrupted ones resume:
 
-  shortcut       option A (zero-pad, the paper's CIFAR choice) vs B (projection where the
-                 shape changes) vs C (projection everywhere): config.model.shortcut.
-  zero_init      the last BN scale of every residual branch 1 (paper) or 0 (Goyal et al.),
-                 config.model.zero_init_residual.
+  shortcut       option A (zero-pad, the paper's CIFAR choice) vs B (projection where the shape
+                 changes) vs C (projection everywhere): --config.model.shortcut=B|C.
+  zero_init      the last BN scale of every residual branch 1 (paper) or 0 (Goyal et al.):
+                 --config.model.zero_init_residual=True.
   bn             BN statistics over the global batch (sync) vs over each device's part (the
-                 paper's per-GPU BN; 2 GPUs of 64), config.model.bn_sync. Per-device BN only
-                 differs with several devices: on a 1-device CPU the study runs in a
-                 subprocess with --bn_devices simulated CPU devices (XLA_FLAGS=
-                 --xla_force_host_platform_device_count); on a single accelerator it is not
-                 run and the table says so.
-  gradient_flow  no training: at initialisation, on one batch (real training images when
-                 --data gives them, else synthetic), per conv layer in network order, the
-                 norm of d loss / d kernel and the std of the conv's output, in train mode
-                 (batch statistics), for plain and residual nets of --grad_depths.
+                 paper's per-GPU BN; 2 GPUs of 64): --config.model.bn_sync=False, both on
+                 --bn_devices devices. On a CPU with fewer devices the runs are their commands
+                 in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N; on a
+                 single accelerator the study is not run and the table says so.
+  gradient_flow  no training: at initialisation, on one batch of the schedule's training data,
+                 per conv layer in network order, the norm of d loss / d kernel and the std of
+                 the conv's output, in train mode (batch statistics), for plain and residual
+                 nets of --grad_depths.
 
-The baseline run (shortcut A, zero-init off, sync BN on one device) is shared by the
-shortcut and zero_init studies. Outputs in WORKDIR: table.md, results.json (one row per
+The baseline run (shortcut A, zero-init off, sync BN on this process's devices) is shared by
+the shortcut and zero_init studies. Outputs in WORKDIR: table.md, results.json (one row per
 run), shortcut.png / zero_init.png / bn.png (training and test error curves per variant),
 gradient_flow.png and gradient_flow.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments import degradation as deg
-from experiments.degradation import UsageError
+from absl import flags
+
+from experiments import runs
+from resnet_jax import cli
+from resnet_jax.errors import UserError
 
 STUDIES = ("shortcut", "zero_init", "bn", "gradient_flow")
-DEFAULT_DEPTH = {"paper": 56, "short": 20, "smoke": 8}  # depth of the trained studies
-DEFAULT_GRAD_DEPTHS = {"paper": (20, 56, 110), "short": (20, 56, 110), "smoke": (8, 14)}
-DEFAULT_GRAD_BATCH = {"paper": 128, "short": 128, "smoke": 16}
+DEFAULT_DEPTH = {"paper": 56, "gpu": 56, "short": 20, "smoke": 8}  # depth of the trained studies
+DEFAULT_GRAD_DEPTHS = {"paper": (20, 56, 110), "gpu": (20, 56, 110), "short": (20, 56, 110), "smoke": (8, 14)}
+DEFAULT_GRAD_BATCH = {"paper": 128, "gpu": 128, "short": 128, "smoke": 16}
 
-# Run variants: workdir suffix -> model overrides.
+# Run variants: workdir suffix -> config overrides (--config.x=y in each run's command).
 VARIANTS = {
     "baseline": {},
-    "shortcutB": {"shortcut": "B"},
-    "shortcutC": {"shortcut": "C"},
-    "zeroinit": {"zero_init_residual": True},
-    "bnsync": {"bn_sync": True},
-    "bnlocal": {"bn_sync": False},
+    "shortcutB": {"model.shortcut": "B"},
+    "shortcutC": {"model.shortcut": "C"},
+    "zeroinit": {"model.zero_init_residual": True},
+    "bnsync": {"model.bn_sync": True},
+    "bnlocal": {"model.bn_sync": False},
 }
 # Study -> [(label, variant)]; the first is what the others are compared with.
 STUDY_VARIANTS = {
@@ -67,6 +68,18 @@ STUDY_VARIANTS = {
     "zero_init": [("off: last BN scale 1 (paper)", "baseline"), ("on: last BN scale 0", "zeroinit")],
     "bn": [("sync BN (global batch)", "bnsync"), ("per-device BN", "bnlocal")],
 }
+
+FLAGS = flags.FlagValues()
+runs.define_flags(FLAGS, DEFAULT_DEPTH)
+flags.DEFINE_list("study", list(STUDIES), f"Studies, comma separated: {', '.join(STUDIES)}.", flag_values=FLAGS)
+flags.DEFINE_integer("depth", None, f"ResNet depth of the trained studies (default: {DEFAULT_DEPTH}).",
+                     flag_values=FLAGS)
+flags.DEFINE_list("grad_depths", None, "Depths of the gradient-flow probe (default 20,56,110; smoke 8,14).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("grad_batch", None, "Images in the gradient-flow batch (default 128; smoke 16).", lower_bound=2,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("bn_devices", 2, "Devices of the bn study (paper: 2 GPUs); simulated on a CPU.", lower_bound=1,
+                     flag_values=FLAGS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,25 +102,21 @@ def conv_paths(params: Any) -> list[tuple[str, ...]]:
     return sorted((k[:-1] for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4), key=network_order)
 
 
-def probe_batch(data: deg.DataSpec | str | None, batch: int, image_size: int = 32):
-    """`batch` normalised training images and labels: the first ones of the training split
-    for real data (per-pixel mean of the whole split subtracted, as in training), random
-    images for synthetic. Returns (images float32 [B,H,W,C], labels int32 [B])."""
+def probe_batch(data=None, batch: int = 128):
+    """`batch` normalised training images and labels, as the trainer normalises them: the
+    first images of `data.train_split` (a config's data section; None: random 32x32 images).
+    The one place an experiment reads data itself. Returns (float32 [B,H,W,C], int32 [B])."""
     import numpy as np
 
-    from configs import cifar
     from resnet_jax.data import device as device_data
     from resnet_jax.data import sources
 
-    if not isinstance(data, deg.DataSpec):
-        data = deg.parse_data(data or "synthetic", deg.SCHEDULES["short"])
-    config = cifar.get_config("resnet20").data
-    config.source, config.path = data.kind, data.path
-    config.image_size, config.synthetic_examples = image_size, max(batch, 2)
-    arrays = sources.load_split(config, "train")
+    if data is None:
+        data = runs.make_run("probe", "resnet20,synthetic").config().data
+    arrays = sources.load_split(data, data.train_split, "training")
     if len(arrays.labels) < batch:
-        raise UsageError(f"--grad_batch={batch} is more than the {len(arrays.labels)} training images")
-    mean, std = device_data.normalization_stats(config, arrays)
+        raise UserError(f"--grad_batch={batch} is more than the {len(arrays.labels)} training images")
+    mean, std = device_data.normalization_stats(data, arrays)
     images = (arrays.images[:batch].astype(np.float32) - mean) / std
     return images, arrays.labels[:batch].astype(np.int32)
 
@@ -130,7 +139,7 @@ def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_ove
     model = models.create(model_name, num_classes=10, family="cifar", **model_overrides)
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *images.shape[1:])), train=False))()
     paths = conv_paths(variables["params"])
-    is_conv = lambda module, method: isinstance(module, nn.Conv) and method == "__call__"
+    is_conv = lambda module, method: isinstance(module, nn.Conv) and method == "__call__"  # noqa: E731
 
     @jax.jit
     def probe(params, batch_stats, images, labels):
@@ -160,22 +169,12 @@ def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_ove
             "activation_scales": [float(v) for v in scales], "loss": float(loss)}
 
 
-def gradient_flow(depths: Sequence[int] = (20, 56, 110), batch: int = 128, data: deg.DataSpec | str | None = None,
-                  seed: int = 0, kinds: Sequence[str] = ("plain", "resnet"), image_size: int = 32) -> list[dict]:
-    """`gradient_profile` of plain and residual CIFAR nets of every depth, on one batch.
-
-    Args:
-      depths: CIFAR depths 6n+2.
-      batch: images in the batch.
-      data: "npz:PATH", "tfds", "synthetic" (None) or a DataSpec: where the images come from.
-      seed: initialisation seed (the same for every net).
-      kinds: "plain" and/or "resnet".
-      image_size: of synthetic images.
-
-    Returns:
-      One profile per (depth, kind), plotted by `figures.gradient_flow_png`.
-    """
-    images, labels = probe_batch(data, batch, image_size)
+def gradient_flow(depths: Sequence[int] = (20, 56, 110), batch: int = 128, data=None, seed: int = 0,
+                  kinds: Sequence[str] = ("plain", "resnet")) -> list[dict]:
+    """`gradient_profile` of plain and residual CIFAR nets of every depth, on one batch of
+    `data` (see `probe_batch`), the same initialisation seed for every net; plotted by
+    `figures.gradient_flow_png`."""
+    images, labels = probe_batch(data, batch)
     return [gradient_profile(f"{kind}{depth}", images, labels, seed) for depth in depths for kind in kinds]
 
 
@@ -188,31 +187,29 @@ def describe_profiles(profiles: list[dict]) -> list[str]:
         out.append(f"| {p['name']} | {len(g)} | {p['loss']:.3f} | {g[0]:.3g} | {g[-1]:.3g} | {g[0] / g[-1]:.3g} | "
                    f"{max(g) / min(g):.3g} | {a[0]:.3g} → {a[-1]:.3g} |")
     out.append("")
+    ratio = lambda p: p["grad_norms"][0] / p["grad_norms"][-1]  # noqa: E731
+    spread = lambda p: max(p["grad_norms"]) / min(p["grad_norms"])  # noqa: E731
     by_key = {(p["skip"], p["depth"]): p for p in profiles}
     for depth in sorted({p["depth"] for p in profiles}):
         plain, res = by_key.get((False, depth)), by_key.get((True, depth))
         if plain and res:
-            ratio = lambda p: p["grad_norms"][0] / p["grad_norms"][-1]
-            spread = lambda p: max(p["grad_norms"]) / min(p["grad_norms"])
             out.append(f"- depth {depth}: first/last-layer gradient-norm ratio plain {ratio(plain):.3g} vs residual "
                        f"{ratio(res):.3g}; max/min over layers plain {spread(plain):.3g} vs residual {spread(res):.3g}.")
     plains = sorted((p for p in profiles if not p["skip"]), key=lambda p: p["depth"])
     if len(plains) > 1:
         first, last = plains[0], plains[-1]
-        r0 = first["grad_norms"][0] / first["grad_norms"][-1]
-        r1 = last["grad_norms"][0] / last["grad_norms"][-1]
+        r0, r1 = ratio(first), ratio(last)
+        trend = f"({first['name']} {r0:.3g}, {last['name']} {r1:.3g})"
         if r1 < r0 / 2:
-            word = (f"**vanishing**: in plain nets the first layers' gradients shrink relative to the last ones as "
-                    f"depth grows ({first['name']} {r0:.3g}, {last['name']} {r1:.3g})")
+            word = ("**vanishing**: in plain nets the first layers' gradients shrink relative to the last ones as "
+                    f"depth grows {trend}")
         elif r1 > 2 * r0:
-            word = (f"**not vanishing but exploding toward the input**: in plain nets with BN the first layers' "
-                    f"gradients grow relative to the last ones as depth grows ({first['name']} {r0:.3g}, "
-                    f"{last['name']} {r1:.3g}). He et al. (Sec. 4.1) rule out vanishing gradients with BN, as "
-                    "seen here; the growth toward the input is the gradient explosion that mean-field theory "
-                    "predicts for deep BN nets without skips (Yang et al., ICLR 2019)")
+            word = ("**not vanishing but exploding toward the input**: in plain nets with BN the first layers' "
+                    f"gradients grow relative to the last ones as depth grows {trend}. He et al. (Sec. 4.1) rule "
+                    "out vanishing gradients with BN, as seen here; the growth toward the input is the gradient "
+                    "explosion that mean-field theory predicts for deep BN nets without skips (Yang et al., ICLR 2019)")
         else:
-            word = (f"**no clear depth trend** in the plain nets' first/last gradient ratio ({first['name']} {r0:.3g}, "
-                    f"{last['name']} {r1:.3g})")
+            word = f"**no clear depth trend** in the plain nets' first/last gradient ratio {trend}"
         out.append(f"- Plain nets: {word}.")
     return out
 
@@ -221,9 +218,35 @@ def describe_profiles(profiles: list[dict]) -> list[str]:
 # Trained studies.
 
 
-def run_name(depth: int, variant: str, seed: int, devices: int = 1) -> str:
-    suffix = f"_{devices}dev" if variant.startswith("bn") else ""
-    return f"resnet{depth}_{variant}{suffix}_seed{seed}"
+def bn_devices_plan(requested: int) -> tuple[int, str]:
+    """(devices the bn study runs on, or 0 when it cannot run here; a note for the table)."""
+    import jax
+
+    have, backend = jax.device_count(), jax.default_backend()
+    if have > 1:
+        return have, f"{have} {backend} devices"
+    if backend == "cpu" and requested > 1:
+        return requested, (f"{requested} simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count="
+                           f"{requested}, in each run's command)")
+    return 0, (f"only 1 {backend} device is visible: per-device BN would be the same computation as sync BN, so the "
+               "study was not run")
+
+
+def plan(studies: Sequence[str], schedule: str, depth: int, seeds: int, data: str | None,
+         bn_devices: int) -> list[runs.Run]:
+    """The runs of the trained studies, without duplicates (the shared baseline)."""
+    source, data_overrides = runs.parse_data(data)
+    variant = f"resnet{depth},{schedule}" + (f",{source}" if source else "")
+    by_name: dict[str, tuple[str, int, list[str]]] = {}
+    for study in studies:
+        for _, name in STUDY_VARIANTS.get(study, []):
+            for seed in range(seeds):
+                devices = f"_{bn_devices}dev" if study == "bn" else ""
+                by_name.setdefault(f"resnet{depth}_{name}{devices}_seed{seed}", (name, seed, []))[2].append(study)
+    return [runs.make_run(run_name, variant, {**data_overrides, **VARIANTS[name], **({"train.seed": seed} if seed else {})},
+                          devices=bn_devices if name.startswith("bn") else 0, variant_name=name,
+                          studies=tuple(in_studies), type="resnet", depth=depth)
+            for run_name, (name, seed, in_studies) in by_name.items()]
 
 
 def param_count(model_name: str, **overrides) -> int:
@@ -237,278 +260,118 @@ def param_count(model_name: str, **overrides) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
 
 
-def bn_devices_plan(requested: int) -> tuple[str, int, str]:
-    """How the bn study runs here: ("inprocess", n, note), ("subprocess", n, note) or
-    ("skip", 1, note)."""
-    import jax
-
-    have, backend = jax.device_count(), jax.default_backend()
-    if have > 1:
-        return "inprocess", have, f"{have} {backend} devices"
-    if backend == "cpu" and requested > 1:
-        return "subprocess", requested, (f"{requested} simulated CPU devices in a subprocess "
-                                         f"(XLA_FLAGS=--xla_force_host_platform_device_count={requested}); "
-                                         "only 1 device is visible to this process")
-    return "skip", 1, (f"only 1 {backend} device is visible: per-device BN would be the same computation as sync "
-                       "BN, so the study was not run")
-
-
-def study_png(title: str, variants: list[tuple[str, list[dict]]], path: str) -> str:
-    """Training (thin dashed) and test (bold) error against step, one colour per variant;
-    several seeds are averaged over the steps they share."""
-    from resnet_jax import figures  # noqa: F401  (selects the Agg backend before pyplot)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    for index, (label, rows) in enumerate(variants):
-        rows = [r for r in rows if not r.get("failed")]
-        for ax, key, style in ((axes[0], "train", dict(linestyle="--", linewidth=1.2)),
-                               (axes[1], "eval", dict(linestyle="-", linewidth=2.2, marker="o", markersize=4))):
-            series = [dict(r["curves"][key]) for r in rows if r["curves"][key]]
-            if not series:
-                continue
-            steps = sorted(set.intersection(*(set(s) for s in series)))
-            mean = [100 * float(np.mean([s[step] for s in series])) for step in steps]
-            ax.plot(steps, mean, color=f"C{index}", label=label, **style)
-    eval_name = next((r["headline_split"] for _, rows in variants for r in rows), "test")
-    for ax, name in ((axes[0], "training error (running, augmented batches)"), (axes[1], f"{eval_name} error")):
-        ax.set_title(name, fontsize=11)
-        ax.set_xlabel("iterations")
-        ax.set_ylabel("top-1 error (%)")
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=9)
-    fig.suptitle(title, fontsize=12)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return path
-
-
-def study_section(study: str, depth: int, variants: list[tuple[str, str, list[dict]]], headline: str,
-                  note: str | None) -> list[str]:
-    out = [f"## {study}", ""]
-    if note:
-        out += [f"Devices: {note}.", ""]
-    out += [f"| variant | runs | params | train error % | {headline} error % | Δ {headline} vs first |",
-            "|" + "---|" * 6]
-    base = None
-    lines = []
-    for label, variant, rows in variants:
+def study_section(study: str, variants: list[tuple[str, list[dict]]], headline: str, note: str | None) -> list[str]:
+    """Markdown: one study's table (one row per variant) and what differs beyond the noise."""
+    out = [f"## {study}", "", *([f"Devices: {note}.", ""] if note else []),
+           f"| variant | runs | params | train error % | {headline} error % | Δ {headline} vs first |",
+           "|" + "---|" * 6]
+    base, lines = None, []
+    for label, rows in variants:
         ok = [r for r in rows if not r.get("failed") and r["train_error"] is not None]
-        train_mean, train_std, _ = deg.mean_std([r["train_error"] for r in ok])
-        test_mean, test_std, _ = deg.mean_std([r.get(f"{headline}_error") for r in ok])
         delta = "—"
         if base is None:
-            base = (label, ok)
+            base = (label.split(":")[0], ok)
         elif ok and base[1]:
-            short, base_short = label.split(":")[0], base[0].split(":")[0]
-            text, diff, noise = deg.compare(base_short, base[1], short, ok, f"{headline}_error", f"{headline}_examples")
+            short = label.split(":")[0]
+            text, diff, noise = runs.compare(base[0], base[1], short, ok, f"{headline}_error", f"{headline}_examples")
+            ttext, tdiff, tnoise = runs.compare(base[0], base[1], short, ok, "train_error", "train_error_images")
+            within = lambda d, n: "within the noise" if abs(d) <= n else ("**better**" if d < 0 else "**worse**")  # noqa: E731
             delta = f"{100 * diff:+.2f} (noise ±{100 * noise:.2f})"
-            ttext, tdiff, tnoise = deg.compare(base_short, base[1], short, ok, "train_error", "train_error_images")
-            within = lambda d, n: "within the noise" if abs(d) <= n else ("**better**" if d < 0 else "**worse**")
-            lines.append(f"- {short} vs {base_short}: {headline} error {within(diff, noise)} ({text}); training error "
+            lines.append(f"- {short} vs {base[0]}: {headline} error {within(diff, noise)} ({text}); training error "
                          f"{within(tdiff, tnoise)} ({ttext}).")
         params = rows[0].get("params") if rows else None
-        out.append(f"| {label} | {', '.join(r['name'] for r in rows) or '—'} | "
-                   f"{params:,} | {deg.pct(train_mean, train_std)} | {deg.pct(test_mean, test_std)} | {delta} |"
+        out.append(f"| {label} | {', '.join(r['name'] for r in rows)} | {params:,} | "
+                   f"{runs.pct(*runs.mean_std([r['train_error'] for r in ok])[:2])} | "
+                   f"{runs.pct(*runs.mean_std([r.get(f'{headline}_error') for r in ok])[:2])} | {delta} |"
                    if params else f"| {label} | — | — | — | — | — |")
     return out + [""] + lines + [""]
 
 
-# ---------------------------------------------------------------------------------------
-# Command line.
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = deg._Parser(prog="python -m experiments.skip_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--schedule", choices=sorted(deg.SCHEDULES), default="paper")
-    parser.add_argument("--data", default=None, help="tfds | npz:PATH | synthetic (default: tfds; synthetic for smoke)")
-    parser.add_argument("--study", default=",".join(STUDIES), help=f"comma-separated: {', '.join(STUDIES)}")
-    parser.add_argument("--depth", type=int, default=None, help="ResNet depth of the trained studies "
-                        f"(default: {DEFAULT_DEPTH})")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--grad_depths", default=None, help="depths of the gradient-flow probe (default 20,56,110)")
-    parser.add_argument("--grad_batch", type=int, default=None, help="images in the gradient-flow batch (default 128)")
-    parser.add_argument("--bn_devices", type=int, default=2,
-                        help="simulated CPU devices for the bn study on a 1-device CPU (paper: 2 GPUs)")
-    parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)  # the bn study's subprocess
-    args = parser.parse_args(argv)
-    studies = [s.strip() for s in args.study.split(",") if s.strip()]
+def run_ablation(argv: Sequence[str], log: Callable[[str], None] = print) -> list[dict]:
+    """Trains what is missing, probes gradient flow, then writes table.md, results.json, PNGs."""
+    schedule, seeds, studies = FLAGS.schedule, FLAGS.seeds, [s.strip() for s in FLAGS.study if s.strip()]
     unknown = [s for s in studies if s not in STUDIES]
     if unknown or not studies:
-        raise UsageError(f"--study: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(STUDIES)}")
-    args.studies = studies
-    schedule = deg.SCHEDULES[args.schedule]
-    args.depth = args.depth or DEFAULT_DEPTH[args.schedule]
-    deg.parse_depths(str(args.depth), schedule, "--depth")
-    args.grad_depths = deg.parse_depths(args.grad_depths, schedule, "--grad_depths") if args.grad_depths else list(
-        DEFAULT_GRAD_DEPTHS[args.schedule])
-    args.grad_batch = args.grad_batch or DEFAULT_GRAD_BATCH[args.schedule]
-    if args.seeds < 1 or args.grad_batch < 2 or args.bn_devices < 1:
-        raise UsageError("--seeds and --bn_devices must be at least 1, --grad_batch at least 2")
-    args.data_spec = deg.parse_data(args.data, schedule)
-    return args
-
-
-def run_ablation(args: argparse.Namespace, argv: Sequence[str], log: Callable[[str], None] = print) -> dict:
-    schedule = deg.SCHEDULES[args.schedule]
-    data = args.data_spec
-    workdir = os.path.abspath(os.path.expanduser(args.workdir))
-    deg.check_experiment(workdir, {"experiment": "skip_ablation", "schedule": schedule.name, "data": str(data)})
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    start = time.time()
-    machine_line = deg.machine()
-    trained = [s for s in args.studies if s in STUDY_VARIANTS]
-
-    if args._child:  # the bn study on simulated devices: train, leave the report to the parent
-        import jax
-
-        if jax.device_count() != args.bn_devices:
-            raise UsageError(f"the bn study asked for {args.bn_devices} devices and sees {jax.device_count()}")
-        train_runs(args, schedule, data, workdir, ["bn"], "inprocess", log)
-        return {}
-    log(f"skip_ablation: studies {args.studies}, {schedule.name} schedule, ResNet-{args.depth}, {args.seeds} seed(s), "
-        f"data {data}; {machine_line}")
-
-    bn_mode, bn_note = None, None
-    if "bn" in trained:
-        bn_mode, devices, bn_note = bn_devices_plan(args.bn_devices)
-        args.bn_devices = devices
-        if bn_mode == "subprocess":
-            flags = os.environ.get("XLA_FLAGS", "")
-            env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
-            child = [sys.executable, "-m", "experiments.skip_ablation", *argv, "--_child", "--study=bn",
-                     f"--bn_devices={devices}", f"--depth={args.depth}"]
-            log(f"bn study: {bn_note}")
-            code = subprocess.call(child, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            if code:
-                raise ChildFailed(code)
-    rows = train_runs(args, schedule, data, workdir, [s for s in trained if not (s == "bn" and bn_mode != "inprocess")],
-                      bn_mode, log)
-    if bn_mode == "subprocess":
-        rows += collect_runs(args, schedule, data, workdir, ["bn"])
+        raise UserError(f"--study: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(STUDIES)}")
+    depth = runs.parse_depths([FLAGS.depth] if FLAGS.depth else None, [DEFAULT_DEPTH[schedule]], "--depth")[0]
+    grad_depths = runs.parse_depths(FLAGS.grad_depths, DEFAULT_GRAD_DEPTHS[schedule], "--grad_depths")
+    grad_batch = FLAGS.grad_batch or DEFAULT_GRAD_BATCH[schedule]
+    runs.parse_data(FLAGS.data)  # a bad --data fails here, before JAX loads
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+    runs.check_experiment(workdir, {"experiment": "skip_ablation", "schedule": schedule, "data": FLAGS.data or ""})
+    started, start = datetime.datetime.now().isoformat(timespec="seconds"), time.time()
+    machine_line = runs.machine()
+    log(f"skip_ablation: studies {studies}, {schedule} schedule, ResNet-{depth}, {seeds} seed(s), "
+        f"data {FLAGS.data or 'default'}; {machine_line}")
+    trained = [s for s in studies if s in STUDY_VARIANTS]
+    bn_devices, bn_note = bn_devices_plan(FLAGS.bn_devices) if "bn" in trained else (0, None)
+    planned = plan([s for s in trained if s != "bn" or bn_devices], schedule, depth, seeds, FLAGS.data, bn_devices)
+    rows = []
+    for index, run in enumerate(planned, 1):
+        run_dir = os.path.join(workdir, run.name)
+        done = runs.run_or_skip(run, run_dir, lambda line: log(f"[{index}/{len(planned)}] {line}"))
+        model_overrides = {k.split(".", 1)[1]: v for k, v in run.overrides if k.startswith("model.") and k != "model.bn_sync"}
+        rows.append({**runs.result_row(run, done, run_dir), "params": param_count(f"resnet{depth}", **model_overrides)})
 
     from resnet_jax import figures
 
-    headline = deg._split_names(schedule.eval_splits[data.kind])[0]
+    headline = rows[0]["headline_split"] if rows else "test"
     sections = []
     for study in trained:
-        if study == "bn" and bn_mode == "skip":
+        if study == "bn" and not bn_devices:
             sections += ["## bn", "", f"Not run: {bn_note}.", ""]
             continue
-        variants = [(label, variant, [r for r in rows if r["variant"] == variant]) for label, variant in
-                    STUDY_VARIANTS[study]]
-        study_png(f"{study}: ResNet-{args.depth} on CIFAR-10 ({schedule.name} schedule)",
-                  [(label, group) for label, _, group in variants], os.path.join(workdir, f"{study}.png"))
-        sections += study_section(study, args.depth, variants, headline, bn_note if study == "bn" else None)
-
-    if "gradient_flow" in args.studies:
-        log(f"gradient flow at initialisation: depths {args.grad_depths}, batch {args.grad_batch}, data {data}")
-        profiles = gradient_flow(args.grad_depths, args.grad_batch, data,
-                                 image_size=schedule.image_size if data.kind == "synthetic" else 32)
-        figures.gradient_flow_png(profiles, os.path.join(workdir, "gradient_flow.png"),
-                                  title=f"gradient flow at initialisation (batch of {args.grad_batch} "
-                                        f"{'CIFAR-10 training' if data.kind != 'synthetic' else 'random'} images, "
-                                        "train-mode BN)")
-        deg._write_json(os.path.join(workdir, "gradient_flow.json"), profiles)
-        sections += ["## gradient_flow", "",
-                     f"At initialisation (seed 0), one batch of {args.grad_batch} "
-                     f"{'training images of ' + str(data) if data.kind != 'synthetic' else 'random images'}, BN in "
-                     "train mode; per conv layer in network order: ‖∂L/∂kernel‖ and the std of the conv's output. "
-                     "Figure: `gradient_flow.png`; values: `gradient_flow.json`.", ""]
-        sections += describe_profiles(profiles) + [""]
-
+        variants = [(label, [r for r in rows if r["variant_name"] == name and study in r["studies"]])
+                    for label, name in STUDY_VARIANTS[study]]
+        figures.study_png([(label, runs.figure_runs(group) if group else []) for label, group in variants],
+                          os.path.join(workdir, f"{study}.png"), eval_name=headline,
+                          title=f"{study}: ResNet-{depth} on CIFAR-10 ({schedule} schedule)")
+        sections += study_section(study, variants, headline, bn_note if study == "bn" else None)
+    if "gradient_flow" in studies:
+        sections += gradient_flow_section(workdir, schedule, grad_depths, grad_batch, log)
     minutes = (time.time() - start) / 60
     head = ["# Skip-connection ablations on CIFAR-10", "",
-            f"- Schedule: `{schedule.name}` — {schedule.summary}." if trained else
-            f"- Schedule: `{schedule.name}` (no training: gradient flow only).",
-            f"- Trained studies: ResNet-{args.depth}, {args.seeds} seed(s); data `{data}`, training split "
-            f"`{schedule.train_split[data.kind]}`, evaluated on `{schedule.eval_splits[data.kind]}`.",
+            f"- Schedule: `{schedule}` (configs/cifar.py; `resnet-jax configs` describes it); data "
+            f"`{FLAGS.data or 'the schedule default'}`; trained studies: ResNet-{depth}, {seeds} seed(s).",
             f"- Date: {started}; wall time of this invocation {minutes:.1f} min.",
-            *([f"- Training: {deg.training_summary(rows)}."] if rows else []),
-            f"- Machine: {machine_line}.",
-            f"- Command: `{deg.command_line('experiments.skip_ablation', argv)}`", "",
+            *([f"- Training: {runs.training_summary(rows)}."] if rows else []),
+            f"- Machine: {machine_line}.", f"- Command: `{runs.command_line('experiments.skip_ablation', argv)}`", "",
             "Training error: running error on the augmented batches over the last 10 % of the steps; "
             f"{headline} error: the final model. Mean ± std over seeds. Noise: two binomial standard errors of "
-            "the difference (plus the seeds' spread).", ""]
+            "the difference (plus the seeds' spread). Each run's command: `## Commands` below.", ""]
     with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write("\n".join(head + sections))
-    deg._write_json(os.path.join(workdir, "results.json"), [{k: v for k, v in r.items() if k != "curves"} for r in rows])
+        f.write("\n".join(head + sections + (runs.commands_section(rows) if rows else [])))
+    runs.save_results(os.path.join(workdir, "results.json"), rows)
     log(f"wrote {workdir}/table.md, results.json and figures ({minutes:.1f} min)")
-    return {"rows": rows, "workdir": workdir}
-
-
-class ChildFailed(Exception):
-    def __init__(self, code: int):
-        super().__init__(f"the bn study's subprocess exited with code {code}")
-        self.code = code
-
-
-def _plan(args, studies, devices: int) -> list[tuple[str, str, int, list[str]]]:
-    """[(run name, variant, seed, [studies])] without duplicates (the shared baseline)."""
-    plan: dict[str, tuple[str, int, list[str]]] = {}
-    for study in studies:
-        for _, variant in STUDY_VARIANTS[study]:
-            for seed in range(args.seeds):
-                name = run_name(args.depth, variant, seed, devices)
-                plan.setdefault(name, (variant, seed, []))[2].append(study)
-    return [(name, variant, seed, studies) for name, (variant, seed, studies) in plan.items()]
-
-
-def _row(args, schedule, data, workdir, name, variant, seed, studies, done) -> dict:
-    model = f"resnet{args.depth}"
-    config = deg.make_config(model, seed, schedule, data, **VARIANTS[variant])
-    extra = {"studies": studies, "variant": variant, "type": "resnet", "depth": args.depth,
-             "params": param_count(model, **{k: v for k, v in VARIANTS[variant].items() if k != "bn_sync"}),
-             **{k: config.model[k] for k in ("shortcut", "zero_init_residual", "bn_sync")}}
-    if variant.startswith("bn"):
-        extra["devices"] = args.bn_devices
-    return deg.run_row(name, done, os.path.join(workdir, name), config, extra)
-
-
-def train_runs(args, schedule, data, workdir, studies, bn_mode, log) -> list[dict]:
-    plan = _plan(args, studies, args.bn_devices)
-    rows = []
-    for index, (name, variant, seed, run_studies) in enumerate(plan, 1):
-        config = deg.make_config(f"resnet{args.depth}", seed, schedule, data, **VARIANTS[variant])
-        done = deg.run_or_skip(f"[{index}/{len(plan)}] {name}", config, os.path.join(workdir, name), log)
-        rows.append(_row(args, schedule, data, workdir, name, variant, seed, run_studies, done))
     return rows
 
 
-def collect_runs(args, schedule, data, workdir, studies) -> list[dict]:
-    """Rows of runs trained elsewhere (the bn subprocess): their done.json, or failed."""
-    rows = []
-    for name, variant, seed, run_studies in _plan(args, studies, args.bn_devices):
-        run_dir = os.path.join(workdir, name)
-        done = deg._read_json(os.path.join(run_dir, "done.json")) or deg._read_json(
-            os.path.join(run_dir, "failed.json")) or {"failed": "did not finish"}
-        rows.append(_row(args, schedule, data, workdir, name, variant, seed, run_studies, done))
-    return rows
+def gradient_flow_section(workdir: str, schedule: str, depths: list[int], batch: int,
+                          log: Callable[[str], None]) -> list[str]:
+    """Probes, draws gradient_flow.png, writes gradient_flow.json; returns the markdown."""
+    from resnet_jax import figures
+
+    source, overrides = runs.parse_data(FLAGS.data)
+    data = runs.make_run("probe", f"resnet20,{schedule}" + (f",{source}" if source else ""), overrides).config().data
+    what = f"{'random' if data.source == 'synthetic' else data.name + ' training'} images ({data.source})"
+    log(f"gradient flow at initialisation: depths {depths}, batch of {batch} {what}")
+    profiles = gradient_flow(depths, batch, data)
+    figures.gradient_flow_png(profiles, os.path.join(workdir, "gradient_flow.png"),
+                              title=f"gradient flow at initialisation (batch of {batch} {what}, train-mode BN)")
+    runs.write_json(os.path.join(workdir, "gradient_flow.json"), profiles)
+    return ["## gradient_flow", "",
+            f"At initialisation (seed 0), one batch of {batch} {what}, BN in train mode; per conv layer in network "
+            "order: ‖∂L/∂kernel‖ and the std of the conv's output. Figure: `gradient_flow.png`; values: "
+            "`gradient_flow.json`.", "", *describe_profiles(profiles), ""]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(argv)
-        from resnet_jax import train
-        from resnet_jax.errors import UserError
-
-        try:
-            run_ablation(args, argv, log=lambda line: print(line, flush=True))
-        except UserError as error:
-            deg.fail(str(error))
-        except train.Preempted as error:
-            deg.fail(str(error), deg.PREEMPTED_EXIT)
-        except ChildFailed as error:
-            deg.fail(str(error), error.code)
-    except UsageError as error:
-        deg.fail(str(error))
-    except KeyboardInterrupt:
-        deg.fail("interrupted; run the same command again to resume", deg.PREEMPTED_EXIT)
+    argv = list(sys.argv if argv is None else argv)
+    with cli.errors_exit():
+        cli.parse_flags(FLAGS, argv, __doc__)
+        if not FLAGS.workdir:
+            raise UserError("--workdir is required")
+        run_ablation(argv, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":
