@@ -4,17 +4,17 @@
 
 writes `DIR/report/` (`metrics.json`, `confusion_matrix.png`, `mistakes.png`,
 `activations.png`, `curves.png` and `report.md`, which ties them together). The run is
-rebuilt from `DIR/config.json` and the checkpoint alone: the model from the config, its params
-and BN statistics and the training split's normalisation statistics from the checkpoint (no
-optimiser, no training data), restored onto however many devices are visible now; every example of the split gets its logits exactly once (the last batch is
-padded and the padding masked out), and all metrics are computed on the host from them.
+rebuilt from `DIR/config.json` and its checkpoint alone: the model from the config; params,
+BN statistics and the training split's normalisation statistics from the checkpoint (no
+optimiser, no training data), onto however many devices are visible now. Every example of
+the split gets its logits exactly once (the last batch is padded and the padding masked
+out), and all metrics are computed on the host from them.
 
 `report(workdir, ...)` is the same as a function, for experiments.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -23,12 +23,13 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import flags
 import numpy as np
 
 from resnet_jax import config as config_lib
 from resnet_jax.checkpoint import Checkpoints, abstract_like
 from resnet_jax.data import pipeline, sources
-from resnet_jax.errors import USER_ERROR_EXIT, UserError
+from resnet_jax.errors import UserError
 from resnet_jax.parallel import Parallel
 
 # resnet_jax.train (optax, sklearn, tensorboardX), figures (matplotlib) and data.stream (grain)
@@ -444,21 +445,12 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as a UserError (one line) instead of usage + exit."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def _parser(prog: str) -> _Parser:
-    parser = _Parser(prog=prog, description="Evaluate a trained run and write DIR/report/.")
-    parser.add_argument("--workdir", required=True, help="the run's directory")
-    parser.add_argument("--split", default="test",
-                        help="a name from the run's data.eval_splits (test) or a split spec (train[:1000])")
-    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
-    parser.add_argument("--out_dir", default=None, help="where to write (default DIR/report)")
-    return parser
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The run's directory (config.json, checkpoints/, metrics.jsonl).", flag_values=FLAGS)
+flags.DEFINE_string("split", "test", "A name from the run's data.eval_splits (test) or a split spec (train[:1000]).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", None, "Where to write (default WORKDIR/report).", flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -467,15 +459,13 @@ def main(argv: list[str] | None = None) -> None:
     Args:
       argv: [prog, *arguments] (sys.argv by default).
     """
-    argv = list(sys.argv if argv is None else argv)
-    launched_as = os.path.basename(argv[0]) if argv else ""
-    prog = "resnet-jax evaluate" if launched_as == "resnet-jax" else "python -m resnet_jax.evaluate"
-    try:
-        args = _parser(prog).parse_args(argv[1:])
-        report(args.workdir, args.split, args.checkpoint, args.out_dir)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+    from resnet_jax import cli
+
+    with cli.errors_exit():
+        cli.parse_flags(FLAGS, argv, __doc__)
+        if FLAGS.workdir is None:
+            raise UserError("--workdir is required, e.g. --workdir=runs/r56")
+        report(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.out_dir)
 
 
 if __name__ == "__main__":
