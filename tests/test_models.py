@@ -444,6 +444,11 @@ def test_he_fan_out_initialisation():
     # Kaiming normal, fan-out: std = sqrt(2 / (3*3*64)) = 0.0589; 36,864 samples -> ~0.4% noise.
     np.testing.assert_allclose(float(kernel.std()), np.sqrt(2 / (9 * 64)), rtol=0.03)
     assert abs(float(kernel.mean())) < 0.002
+    # ... and fan-out, not fan-in: on a kernel whose two differ (3x3x32 -> 64: fan-in 288,
+    # fan-out 576), fan-in would give std sqrt(2 / 288) = 0.083, 41 % more; 18,432 samples.
+    widening = variables["params"]["stage3_block1"]["conv1"]["kernel"]
+    assert widening.shape == (3, 3, 32, 64)
+    np.testing.assert_allclose(float(widening.std()), np.sqrt(2 / (9 * 64)), rtol=0.03)
     bn = variables["params"]["stage1_block1"]["bn2"]
     assert (bn["scale"] == 1).all() and (bn["bias"] == 0).all()
     stats = variables["batch_stats"]["stage1_block1"]["bn2"]
