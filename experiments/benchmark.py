@@ -22,24 +22,26 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from resnet_jax.errors import USER_ERROR_EXIT, UserError
+from resnet_jax import cli
+from resnet_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "resnet20", "Model name, e.g. resnet20, resnet56, resnet50.")
-flags.DEFINE_integer("batch", 128, "Global batch size.")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("steps", 50, "Timed steps (synthetic) or training steps (device).")
-flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-flags.DEFINE_enum("data", "synthetic", ["synthetic", "device", "stream"], "What to measure.")
-flags.DEFINE_integer("image_size", 0, "0: 32 for CIFAR models, 224 for ImageNet models.")
-flags.DEFINE_integer("steps_per_dispatch", 1, "device: steps scanned per dispatch.")
-flags.DEFINE_string("npz", "", "device: train on this .npz (e.g. CIFAR-10) instead of synthetic images.")
-flags.DEFINE_string("tfds_name", "", "stream: a prepared TFDS dataset to decode.")
-flags.DEFINE_string("data_dir", "", "stream: TFDS data_dir.")
-flags.DEFINE_integer("workers", 1, "stream: grain worker processes.")
-flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", "resnet20", "Model name, e.g. resnet20, resnet56, resnet50.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 128, "Global batch size.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 50, "Timed steps (synthetic) or training steps (device).", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.", flag_values=FLAGS)
+flags.DEFINE_enum("data", "synthetic", ["synthetic", "device", "stream"], "What to measure.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 0, "0: 32 for CIFAR models, 224 for ImageNet models.", flag_values=FLAGS)
+flags.DEFINE_integer("steps_per_dispatch", 1, "device: steps scanned per dispatch.", flag_values=FLAGS)
+flags.DEFINE_string("npz", "", "device: train on this .npz (e.g. CIFAR-10) instead of synthetic images.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tfds_name", "", "stream: a prepared TFDS dataset to decode.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "stream: TFDS data_dir.", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 1, "stream: grain worker processes.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.", flag_values=FLAGS)
 
 # Dense bf16 / fp32 (TF32 off) peak FLOP/s of the cards we report on.
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
@@ -176,13 +178,11 @@ def run(argv) -> dict:
     return row
 
 
-def main(argv):
-    try:
-        run(argv)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+def main(argv=None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    with cli.errors_exit():
+        run(cli.parse_flags(FLAGS, argv, __doc__))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
