@@ -215,8 +215,9 @@ def describe_configs() -> str:
         command = next((line.strip() for line in doc if line.strip().startswith("python -m")), "")
         out += [f"{name}: {doc[0] if doc else ''}"]
         out += [f"    {command}"] if command else []
-        for token, description in getattr(module, "VARIANTS", {}).items():
-            out.append(f"    {token:<22} {description}")
+        variants = getattr(module, "VARIANTS", {})
+        width = max(map(len, variants), default=0)
+        out += [f"    {token:<{width}}  {description}" for token, description in variants.items()]
         out.append("")
     out.append(f"Files: {config_dir()}. Use one as --config=NAME:VARIANT,OPTION,... (e.g. cifar:plain56,short); "
                "any field can be overridden: --config.train.total_steps=1000.")
