@@ -194,12 +194,12 @@ def validate_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
     train, optim = config.train, config.optim
     total = steps(train.total_steps, train.total_epochs, steps_per_epoch)
     _positive(total, "the training length (train.total_steps or train.total_epochs)")
-    if optim.schedule == "multistep" and optim.boundaries_unit in ("steps", "epochs"):
-        scale = steps_per_epoch if optim.boundaries_unit == "epochs" else 1
-        late = [b for b in optim.boundaries if b * scale >= total]
+    # Absolute step boundaries past the end are refused; epoch ones are not (a shortened
+    # ImageNet run keeps its recipe), nor fractions, which cannot be.
+    if optim.schedule == "multistep" and optim.boundaries_unit == "steps":
+        late = [b for b in optim.boundaries if b >= total]
         if late:
-            raise UserError(f"optim.boundaries {tuple(optim.boundaries)} ({optim.boundaries_unit}) reach past "
-                            f"train.total_steps={total}: {late}")
+            raise UserError(f"optim.boundaries {tuple(optim.boundaries)} reach past train.total_steps={total}: {late}")
     warmup = steps(optim.warmup_steps, optim.warmup_epochs, steps_per_epoch)
     if warmup >= total:
         raise UserError(f"the warm-up ({warmup} steps) is not shorter than training ({total} steps)")
