@@ -11,6 +11,7 @@ Running the same command again resumes from the workdir's latest checkpoint. Mul
 TPU pod, where JAX finds its peers itself.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -31,10 +32,10 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
                   flag_values=FLAGS)
 
 COMMANDS = {
-    "train": "train or resume one run (this module; `resnet-jax train --help`)",
+    "train": "train or resume one run (the default when the flags come first)",
     "evaluate": "a trained workdir -> report/: metrics, confusion matrix, mistakes, curves",
     "configs": "list the config recipes and their variants",
-    "convert": "convert pretrained weights into a workdir (resnet_jax.convert)",
+    "convert": "pretrained weights in and out of a workdir (torchvision, akamaster's CIFAR ResNets)",
 }
 
 
@@ -66,18 +67,14 @@ def main(argv=None) -> None:
 def usage() -> str:
     """What `resnet-jax` alone prints: its sub-commands."""
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items() if name != "convert" or _convert()]
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items() if name != "convert" or _has_convert()]
     return ("usage: resnet-jax COMMAND [flags]   (`resnet-jax COMMAND --help` for its flags)\n\ncommands:\n"
             + "\n".join(lines) + "\n\nexample: resnet-jax train --config=cifar:resnet20 --workdir=runs/r20\n")
 
 
-def _convert():
-    """resnet_jax.convert's module, or None where it does not exist (yet)."""
-    try:
-        from resnet_jax import convert
-    except ImportError:
-        return None
-    return convert
+def _has_convert() -> bool:
+    """Whether resnet_jax.convert exists (looked up without importing it)."""
+    return importlib.util.find_spec("resnet_jax.convert") is not None
 
 
 def cli() -> None:
@@ -100,9 +97,12 @@ def cli() -> None:
     if command == "configs":
         print(cli_lib.describe_configs())
         return
-    if command == "convert" and _convert() is not None:
-        return _convert().main([program, *args])
-    cli_lib.fail(f"unknown command {command!r}; use {', '.join(n for n in COMMANDS if n != 'convert' or _convert())}")
+    if command == "convert" and _has_convert():
+        from resnet_jax import convert
+
+        return convert.main([program, *args])
+    known = [name for name in COMMANDS if name != "convert" or _has_convert()]
+    cli_lib.fail(f"unknown command {command!r}; use {', '.join(known)}")
 
 
 if __name__ == "__main__":
