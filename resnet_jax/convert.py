@@ -1,0 +1,506 @@
+"""Pretrained weights in and out: torchvision's ImageNet ResNets and akamaster's CIFAR ResNets.
+
+    python -m resnet_jax.convert import --format=akamaster --file=resnet56-4bfd9763.th \\
+        --config=cifar:resnet56 --workdir=runs/ak56
+    python -m resnet_jax.evaluate --workdir=runs/ak56
+    python -m resnet_jax.convert export --workdir=runs/ak56 --file=ak56.safetensors
+
+`import` reads a state dict (torch's zip or legacy `.pth`/`.th` file, or `.safetensors`;
+no code from the file runs and torch is not needed: resnet_jax.torch_files) under
+torchvision's names (`--format=torchvision`: conv1, bn1, layer1.0.conv1, ..., fc) or
+akamaster/pytorch_resnet_cifar10's (`--format=akamaster`: the same with `linear`, option-A
+shortcuts, keys under `module.`), and writes DIR as a run at step 0: config.json and an
+Orbax checkpoint of params, BN statistics and a fresh optimiser state. So
+`python -m resnet_jax.evaluate --workdir=DIR` evaluates it, `python -m resnet_jax.main
+--config=SAME --workdir=DIR` goes on training it, and `--config.train.init_from=DIR` starts
+another run (another number of classes, say) from it. The preprocessing the weights were
+trained with is part of the import: both formats scale pixels to [0, 1] and normalise with
+ImageNet's per-channel mean and std (`data.normalization=imagenet`), which config.json says.
+Anything that does not fit (not a state dict, a key or a shape the model lacks) is one
+`error:` line naming the first such key, exit 2, and nothing is written.
+
+`export` writes a run's params and BN statistics (its best checkpoint, else its latest) as
+`.safetensors` under torchvision's names (ImageNet nets) or akamaster's (CIFAR nets), so
+`torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(OUT))` works.
+
+Fine-tuning note: flax's BatchNorm updates the running variance with the biased batch
+variance, torch's with the unbiased one (larger by n/(n-1), n = batch x height x width).
+Imported statistics are used as they are; only statistics gathered while training here
+differ from what torch would have gathered, and by that factor alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import Any
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from resnet_jax import torch_files
+from resnet_jax.errors import UserError
+
+# What each --format holds: its model family and its names for the modules that differ.
+FORMATS = {
+    "torchvision": {"family": "imagenet", "head": "fc", "projection": "downsample",
+                    "models": "torchvision.models.resnet18 ... resnet152"},
+    "akamaster": {"family": "cifar", "head": "linear", "projection": "shortcut",
+                  "models": "akamaster/pytorch_resnet_cifar10 resnet20 ... resnet1202"},
+}
+FORMAT_OF_FAMILY = {spec["family"]: name for name, spec in FORMATS.items()}
+# flax leaf -> torch leaf
+LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+BN_COUNTER = "num_batches_tracked"  # torch's BN buffer; no flax counterpart, not needed (momentum is set)
+
+IMPORT = flags.FlagValues()
+flags.DEFINE_enum("format", None, list(FORMATS), "Whose names the file uses: torchvision or akamaster.",
+                  flag_values=IMPORT)
+flags.DEFINE_string("file", None, "The weights: a .pth/.th (torch.save) or .safetensors file.", flag_values=IMPORT)
+config_flags.DEFINE_config_file("config", None, "Recipe and variant of the model the weights are for "
+                                "(cifar:resnet56, imagenet:resnet50) or a file (configs/cifar.py:resnet56).",
+                                flag_values=IMPORT, lock_config=True)
+flags.DEFINE_string("workdir", None, "The run to write (config.json and a checkpoint at step 0); must not hold "
+                    "a run unless --config.overwrite=True.", flag_values=IMPORT)
+
+EXPORT = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The run whose weights to write.", flag_values=EXPORT)
+flags.DEFINE_string("file", None, "Where to write them: OUT.safetensors.", flag_values=EXPORT)
+flags.DEFINE_string("checkpoint", "best", "best (else the latest), latest, or a step number.", flag_values=EXPORT)
+
+
+# ---------------------------------------------------------------------------------------
+# Names and layouts: flax variable paths <-> torch state-dict keys.
+
+
+def torch_key(collection: str, path: tuple[str, ...], fmt: str) -> str:
+    """The torch key of one flax variable, e.g. ("params", ("stage2_block1", "proj_conv",
+    "kernel")) -> "layer2.0.downsample.0.weight" (torchvision)."""
+    del collection  # BN's scale/bias are params, its mean/var batch_stats; the leaf names differ
+    return ".".join([*_torch_module(path[:-1], fmt), LEAVES[path[-1]]])
+
+
+def _torch_module(modules: tuple[str, ...], fmt: str) -> list[str]:
+    names = FORMATS[fmt]
+    out = []
+    for name in modules:
+        if name == "stem_conv":
+            out.append("conv1")
+        elif name == "stem_bn":
+            out.append("bn1")
+        elif name == "head":
+            out.append(names["head"])
+        elif name.startswith("stage"):  # stage{s}_block{b} -> layer{s}.{b-1}
+            stage, block = name[len("stage"):].split("_block")
+            out += [f"layer{stage}", str(int(block) - 1)]
+        elif name == "proj_conv":
+            out += [names["projection"], "0"]
+        elif name == "proj_bn":
+            out += [names["projection"], "1"]
+        else:  # conv1..3, bn1..3: the same in torch
+            out.append(name)
+    return out
+
+
+def to_torch_layout(array: np.ndarray) -> np.ndarray:
+    """flax conv kernel (kh, kw, in, out) -> torch (out, in, kh, kw); dense (in, out) -> (out, in)."""
+    if array.ndim == 4:
+        return np.transpose(array, (3, 2, 0, 1))
+    return array.T if array.ndim == 2 else array
+
+
+def to_flax_layout(array: np.ndarray) -> np.ndarray:
+    """The inverse of `to_torch_layout`."""
+    if array.ndim == 4:
+        return np.transpose(array, (2, 3, 1, 0))
+    return array.T if array.ndim == 2 else array
+
+
+def torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return to_torch_layout(np.empty(shape, np.bool_)).shape
+
+
+def layout(variables: dict, fmt: str) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
+    """torch key -> (flax collection, path, flax shape) for every variable of a model.
+
+    Args:
+      variables: {"params": ..., "batch_stats": ...} of arrays or ShapeDtypeStructs.
+    """
+    from flax import traverse_util
+
+    out = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in traverse_util.flatten_dict(variables[collection]).items():
+            out[torch_key(collection, path, fmt)] = (collection, path, tuple(leaf.shape))
+    return out
+
+
+def bn_counters(variables: dict, fmt: str) -> list[str]:
+    """torch's `num_batches_tracked` key of every BN layer."""
+    return sorted({key.rsplit(".", 1)[0] + "." + BN_COUNTER for key in layout(variables, fmt)
+                   if key.endswith(".running_mean")})
+
+
+# ---------------------------------------------------------------------------------------
+# State dicts <-> variables.
+
+
+def state_dict_of(obj: Any, path: str, fmt: str) -> dict[str, np.ndarray]:
+    """The state dict in what `torch_files.load` returned: the object itself, or what it
+    holds under "state_dict" (akamaster's checkpoints) or "model"; DataParallel's `module.`
+    prefix and akamaster's later `compressible_` prefix dropped.
+
+    Raises:
+      UserError: not a dict of tensors.
+    """
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path} is not a state dict (it holds {_describe(obj)}); save model.state_dict()")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise UserError(f"{path} is not a state dict: key {key!r} holds {_describe(value)}, not a tensor")
+    keys = list(obj)
+    if all(k.startswith("module.") for k in keys):
+        keys = [k[len("module."):] for k in keys]
+    if fmt == "akamaster":
+        keys = [".".join(part.removeprefix("compressible_") for part in k.split(".")) for k in keys]
+    return dict(zip(keys, obj.values()))
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return f"a dict of {len(obj)} entries" + (f" ({', '.join(map(repr, list(obj)[:4]))}, ...)" if obj else "")
+    if isinstance(obj, np.ndarray):
+        return f"a tensor of shape {obj.shape}"
+    return f"a {type(obj).__name__}"
+
+
+def from_state_dict(state_dict: dict[str, np.ndarray], fmt: str, abstract: dict, path: str,
+                    model: str) -> tuple[dict, dict]:
+    """(params, batch_stats) of the model `abstract` describes, from a torch state dict.
+
+    Args:
+      state_dict: torch key -> array, in the file's order (see `state_dict_of`).
+      fmt: "torchvision" or "akamaster".
+      abstract: the model's {"params", "batch_stats"} (shapes are what matters).
+      path, model: for the messages.
+
+    Raises:
+      UserError: naming the first key (in the file's order) the model has no place for or
+        whose shape differs, or else the first key the model needs that the file lacks.
+    """
+    from flax import traverse_util
+
+    expected = layout(abstract, fmt)
+    counters = set(bn_counters(abstract, fmt))
+    hint = "check --config (model, data.num_classes) and --format"
+    flat: dict[str, dict] = {"params": {}, "batch_stats": {}}
+    for key, value in state_dict.items():
+        if key in counters:
+            continue
+        if key not in expected:
+            raise UserError(f"{path}: key {key!r} (shape {value.shape}) is not a variable of {model} under "
+                            f"{fmt}'s names; {hint}")
+        collection, flax_path, shape = expected[key]
+        if value.shape != torch_shape(shape):
+            raise UserError(f"{path}: key {key!r} has shape {value.shape}, {model} needs {torch_shape(shape)}; {hint}")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise UserError(f"{path}: key {key!r} holds {value.dtype}, not floating-point weights")
+        flat[collection][flax_path] = np.ascontiguousarray(to_flax_layout(value), dtype=np.float32)
+    missing = [key for key in expected if key not in state_dict]
+    if missing:
+        raise UserError(f"{path}: no key {missing[0]!r}, which {model} needs ({len(missing)} of its "
+                        f"{len(expected)} variables are missing); {hint}")
+    return traverse_util.unflatten_dict(flat["params"]), traverse_util.unflatten_dict(flat["batch_stats"])
+
+
+def to_state_dict(params: Any, batch_stats: Any, fmt: str, batches_tracked: int = 0) -> dict[str, np.ndarray]:
+    """torch's state dict (C-contiguous numpy arrays) of a model's variables, in torch's order.
+
+    Args:
+      batches_tracked: the value of every BN layer's `num_batches_tracked` (torch's strict
+        `load_state_dict` wants the key; with a momentum set, torch does not use it).
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+    from flax import traverse_util
+
+    out = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in traverse_util.flatten_dict(variables[collection]).items():
+            out[torch_key(collection, path, fmt)] = np.ascontiguousarray(to_torch_layout(np.asarray(leaf)))
+    for key in bn_counters(variables, fmt):
+        out[key] = np.asarray(batches_tracked, np.int64)
+    return dict(sorted(out.items(), key=lambda item: _torch_order(item[0])))
+
+
+def _torch_order(key: str) -> tuple:
+    """Sort key giving torch's module order: stem, layer1.0, ..., layer1.10, ..., head."""
+    parts = key.split(".")
+    rank = 0 if parts[0] in ("conv1", "bn1") else 2 if parts[0] in ("fc", "linear") else 1
+    leaf = ("weight", "bias", "running_mean", "running_var", BN_COUNTER).index(parts[-1])
+    return (rank, [int(p) if p.isdigit() else p for p in parts[:-1]], leaf)
+
+
+# ---------------------------------------------------------------------------------------
+# Runs: the few names this module takes from the trainer's modules live here.
+
+
+def _family(config) -> str:
+    from resnet_jax import models
+
+    try:
+        return config.model.family or models.model_family(config.model.name)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _image_shape(config) -> tuple[int, int, int]:
+    return (config.data.image_size, config.data.image_size, 3)  # torch's ResNets take RGB
+
+
+def _restore_variables(workdir: str, which: str | int = "best") -> tuple[Any, dict, Any]:
+    """(config, {"params", "batch_stats"} as numpy, step) of a run's checkpoint: `which` is
+    "best" (the best evaluated one, else the latest), "latest" or a step.
+
+    Raises:
+      UserError: no run or no readable checkpoint in `workdir`.
+    """
+    import jax
+
+    from resnet_jax import evaluate, train
+    from resnet_jax.checkpoint import Checkpoints, abstract_like
+
+    config = evaluate.load_config(workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+        raise UserError(f"no checkpoints in {directory}: the run has not saved one yet")
+    which = evaluate.parse_checkpoint(which)
+    checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+    try:
+        steps = sorted(checkpoints.steps(), reverse=True)
+        step = which if isinstance(which, int) else None
+        meta = next((m for m in map(checkpoints.read_meta, steps) if m is not None), None) or {}
+        if which == "best" and meta.get("best_step") in steps:
+            step = int(meta["best_step"])
+        image_shape = tuple(meta.get("image_shape") or _image_shape(config))
+        abstract = train.abstract_variables(config, image_shape)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        restored = checkpoints.restore_variables(abstract_like(abstract, sharding), step)
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise UserError(f"no checkpoints in {directory}")
+    variables, _, step = restored
+    return config, jax.tree.map(np.asarray, jax.device_get(variables)), step
+
+
+def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
+    """Writes `workdir` as a run at step 0 holding the weights in `file`.
+
+    Args:
+      file: a torch.save file (zip or legacy) or .safetensors holding a state dict.
+      fmt: "torchvision" or "akamaster".
+      config: the run's config (its model must be the one the weights are for);
+        data.normalization is set to the preprocessing the weights were trained with.
+      workdir: must not hold a run, unless config.overwrite.
+
+    Returns:
+      {"workdir", "model", "variables" (count), "sha256" (of the file)}.
+
+    Raises:
+      UserError: before anything is written.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from resnet_jax import config as config_lib, optim, train
+    from resnet_jax import workdir as workdir_lib
+    from resnet_jax.checkpoint import Checkpoints
+    from resnet_jax.data import IMAGENET_MEAN, IMAGENET_STD
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    config = config.copy_and_resolve_references()
+    # Both formats were trained on pixels / 255 normalised with ImageNet's mean and std.
+    config.data.normalization = "imagenet"
+    config_lib.validate(config, jax.device_count())
+    family, model = _family(config), config.model.name
+    if family != FORMATS[fmt]["family"]:
+        raise UserError(f"--format={fmt} holds {FORMATS[fmt]['family']} nets ({FORMATS[fmt]['models']}), "
+                        f"but {model} is an {family} net; use --format={FORMAT_OF_FAMILY[family]} or another --config")
+
+    state_dict = state_dict_of(torch_files.load(file), file, fmt)
+    abstract = train.abstract_variables(config, _image_shape(config))
+    params, batch_stats = from_state_dict(state_dict, fmt, abstract, file, model)
+
+    config_path = os.path.join(workdir, "config.json")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not config.overwrite and (os.path.exists(config_path) or (os.path.isdir(checkpoint_dir)
+                                                                  and os.listdir(checkpoint_dir))):
+        raise UserError(f"{workdir} already holds a run; use a new workdir or --config.overwrite=True to replace it")
+
+    schedule = optim.make_schedule(config.optim, 1, max(config.train.total_steps, 1))  # only its form matters
+    tx = optim.make_optimizer(config.optim, schedule)
+    params, batch_stats = jax.tree.map(jnp.asarray, (params, batch_stats))
+    state = train.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+    with open(file, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    meta = {"step": 0, "best_error": None, "best_step": None, "evals_since_best": 0, "stopped_early": None,
+            "data_state": None, "image_shape": list(_image_shape(config)),
+            "normalization": {"mean": np.asarray(IMAGENET_MEAN, np.float32).tolist(),
+                              "std": np.asarray(IMAGENET_STD, np.float32).tolist()},
+            "imported_from": {"file": os.path.abspath(file), "format": fmt, "sha256": sha256}}
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    lock = workdir_lib.prepare(config, workdir, state_bytes)
+    try:
+        checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+        try:
+            checkpoints.save(0, state, meta)
+        finally:
+            checkpoints.close()
+    finally:
+        lock.release()
+    count = len(jax.tree.leaves((params, batch_stats)))
+    return {"workdir": workdir, "model": model, "variables": count, "sha256": sha256}
+
+
+def export_weights(workdir: str, file: str, checkpoint: str | int = "best") -> dict:
+    """Writes a run's params and BN statistics to `file` (.safetensors) under torch's names.
+
+    Returns:
+      {"file", "format", "step", "tensors"}.
+
+    Raises:
+      UserError: no run or checkpoint; a file name that is not .safetensors.
+    """
+    import safetensors.numpy
+
+    if not file.endswith(".safetensors"):
+        raise UserError(f"export writes .safetensors; name the file like OUT.safetensors, not {file!r}")
+    config, variables, step = _restore_variables(workdir, checkpoint)
+    fmt = FORMAT_OF_FAMILY[_family(config)]
+    state_dict = to_state_dict(variables["params"], variables["batch_stats"], fmt, batches_tracked=step)
+    partial = f"{file}.partial"
+    try:
+        safetensors.numpy.save_file(state_dict, partial, metadata={"format": "pt"})
+        os.replace(partial, file)  # a complete file or none
+    except OSError as error:
+        raise UserError(f"cannot write {file}: {error.strerror or error}") from None
+    return {"file": file, "format": fmt, "step": step, "tensors": len(state_dict)}
+
+
+def load_initial_weights(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any, list[str], list[str]]:
+    """Fine-tuning: the params and BN statistics of the run in `path` where they fit.
+
+    Every variable of `params`/`batch_stats` whose path and shape the run in `path` has is
+    taken from there; the others (a head for another number of classes, say) keep the values
+    given (a fresh initialisation).
+
+    Args:
+      path: a workdir: one written by `import`, or any run's (its best checkpoint, else
+        its latest).
+      params, batch_stats: the new run's freshly initialised variables (host arrays).
+
+    Returns:
+      (params, batch_stats, loaded, fresh): loaded and fresh are variable names such as
+      "params/head/kernel"; loaded arrays are numpy float32.
+
+    Raises:
+      UserError: `path` is no run, or nothing in it fits the model.
+    """
+    if os.path.isfile(path):
+        raise UserError(f"train.init_from={path} is a file; convert it into a workdir first: "
+                        "python -m resnet_jax.convert import --format=... --file=... --config=... --workdir=DIR")
+    _, source, _ = _restore_variables(path, "best")
+    merged, loaded, fresh = _merge(source, {"params": params, "batch_stats": batch_stats})
+    if not loaded:
+        raise UserError(f"nothing in {path} fits this model (its variables differ in name or shape): "
+                        "is train.init_from the right run?")
+    return merged["params"], merged["batch_stats"], loaded, fresh
+
+
+def _merge(source: dict, target: dict) -> tuple[dict, list[str], list[str]]:
+    """`target` with every leaf of the same path and shape in `source` taken from there."""
+    from flax import traverse_util
+
+    have = traverse_util.flatten_dict(source)
+    merged, loaded, fresh = {}, [], []
+    for path, leaf in traverse_util.flatten_dict(target).items():
+        name = "/".join(path)
+        candidate = have.get(path)
+        if candidate is not None and tuple(np.shape(candidate)) == tuple(np.shape(leaf)):
+            merged[path] = np.asarray(candidate, np.asarray(leaf).dtype)
+            loaded.append(name)
+        else:
+            merged[path] = leaf
+            fresh.append(name)
+    return traverse_util.unflatten_dict(merged), loaded, fresh
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+COMMANDS = {"import": IMPORT, "export": EXPORT}
+
+
+def _help() -> str:
+    from resnet_jax import cli
+
+    parts = [__doc__.strip(), ""]
+    for name, flag_values in COMMANDS.items():
+        parts += [f"{name} " + cli.help_text(flag_values, "").strip(), ""]  # "import flags:\n ..."
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m resnet_jax.convert import|export --flag=...` (`--help` for the flags)."""
+    from resnet_jax import cli
+
+    argv = list(sys.argv if argv is None else argv)
+    program, args = argv[0], argv[1:]
+    with cli.errors_exit():
+        if args and args[0] in cli.HELP + cli.HELPFULL:
+            print(_help(), flush=True)
+            sys.exit(0)
+        if not args:
+            raise UserError("name a command: import or export (--help shows what they do and their flags)")
+        command = args.pop(0)
+        if command not in COMMANDS:
+            raise UserError(f"unknown command {command!r}; use import or export (--help for their flags)")
+        flag_values = COMMANDS[command]
+        cli.parse_flags(flag_values, [f"{program} {command}", *args], __doc__)
+        required = ("format", "file", "config", "workdir") if command == "import" else ("workdir", "file")
+        for name in required:
+            if flag_values[name].value is None:
+                raise UserError(f"--{name} is required (python -m resnet_jax.convert --help shows an example)")
+        if command == "import":
+            _check_normalization_override(args)
+            done = import_weights(os.path.expanduser(flag_values.file), flag_values.format, flag_values.config,
+                                  os.path.expanduser(flag_values.workdir))
+            print(f"imported {done['variables']} arrays of {done['model']} from {flag_values.file} "
+                  f"({flag_values.format}) into {done['workdir']} at step 0 (data.normalization=imagenet); "
+                  f"evaluate: python -m resnet_jax.evaluate --workdir={done['workdir']}", flush=True)
+        else:
+            done = export_weights(os.path.expanduser(flag_values.workdir), os.path.expanduser(flag_values.file),
+                                  flag_values.checkpoint)
+            print(f"exported {done['tensors']} tensors of step {done['step']} under {done['format']}'s names "
+                  f"to {done['file']}", flush=True)
+
+
+def _check_normalization_override(args: list[str]) -> None:
+    """The weights fix the preprocessing: refuse --config.data.normalization=anything else."""
+    for arg in args:
+        if arg.startswith("--config.data.normalization="):
+            value = arg.split("=", 1)[1]
+            if value != "imagenet":
+                raise UserError(f"--config.data.normalization={value}: these weights were trained on ImageNet-"
+                                "normalised inputs, which the import sets (data.normalization=imagenet)")
+
+
+if __name__ == "__main__":
+    main()
