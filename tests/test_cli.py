@@ -74,14 +74,14 @@ def test_config_names_resolve_from_any_directory(tmp_path):
     probe = ("from resnet_jax import cli\n"
              "for spec in ('cifar:resnet8,smoke', 'configs/cifar.py:plain14', 'digits', 'imagenet:resnet50'):\n"
              "    c = cli.config_from_args(['--config=' + spec, '--config.train.seed=3'])\n"
-             "    print(spec, c.model.name, c.data.name, c.train.total_steps, c.train.seed)\n")
+             "    print(spec, c.model.name, c.data.name, c.train.batch_size, c.train.seed)\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_outside_env(), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["cifar:resnet8,smoke resnet8 cifar10 8 3",
-                                          "configs/cifar.py:plain14 plain14 cifar10 64000 3",
-                                          "digits resnet8 digits 800 3",
-                                          "imagenet:resnet50 resnet50 imagenet2012 450360 3"]
+    assert result.stdout.splitlines() == ["cifar:resnet8,smoke resnet8 cifar10 16 3",
+                                          "configs/cifar.py:plain14 plain14 cifar10 128 3",
+                                          "digits resnet8 digits 64 3",
+                                          "imagenet:resnet50 resnet50 imagenet2012 256 3"]
     assert cli.resolve_config("cifar:resnet8") == os.path.join(cli.config_dir(), "cifar.py") + ":resnet8"
     with pytest.raises(cli.UserError, match="No such file or directory: 'nosuch'.*recipe name: cifar, digits, imagenet"):
         cli.resolve_config("nosuch:resnet8")
