@@ -23,6 +23,7 @@ def _outside_env() -> dict:
 
 @pytest.mark.parametrize("module,names", [
     ("resnet_jax.main", ("--config", "--workdir", "--distributed", "python -m resnet_jax.main --config=cifar:")),
+    ("resnet_jax.evaluate", ("--workdir", "--split", "--checkpoint", "python -m resnet_jax.evaluate")),
     ("experiments.degradation", ("--workdir", "--depths", "--schedule", "python -m experiments.degradation")),
     ("experiments.skip_ablation", ("--workdir", "--study", "--bn_devices", "python -m experiments.skip_ablation")),
     ("experiments.benchmark", ("--model", "--batch", "python -m experiments.benchmark")),
