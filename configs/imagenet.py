@@ -12,7 +12,6 @@ Needs TFDS imagenet2012 prepared by hand (manual download) under data.data_dir.
 
 from resnet_jax.config import default_config
 
-TRAIN_EXAMPLES = 1_281_167
 VARIANTS = {  # for `resnet-jax configs`
     "resnet18 ... resnet200": "the model (first); also plain18, plain34",
     "cosine": "cosine decay after a 5-epoch linear warm-up instead of /10 at epochs 30, 60, 80",
@@ -38,8 +37,8 @@ def get_config(arg: str = "resnet50"):
     config.data.workers = 8
     config.train.batch_size = 256
     config.train.eval_batch_size = 500
-    steps_per_epoch = TRAIN_EXAMPLES // 256
-    config.train.total_steps = 90 * steps_per_epoch
+    # In epochs, so a larger batch (and its larger lr) trains the same 90 epochs.
+    config.train.total_steps, config.train.total_epochs = 0, 90
     config.train.log_every = 500
     config.train.checkpoint_every = 5000
     # A reference: overriding --config.train.batch_size rescales the lr with it.
@@ -47,7 +46,7 @@ def get_config(arg: str = "resnet50"):
         config.optim.lr = config.train.get_ref("batch_size") * (0.1 / 256)
     if schedule == "cosine":
         config.optim.schedule = "cosine"
-        config.optim.warmup_steps = 5 * steps_per_epoch
+        config.optim.warmup_epochs = 5
     elif schedule:
         raise ValueError(f"unknown ImageNet schedule {schedule!r}; use '<model>' or '<model>,cosine'")
     else:

@@ -60,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     train.batch_size = 128  # global, over all devices
     train.eval_batch_size = 1000
     train.total_steps = 64_000
-    train.total_epochs = 0.0  # > 0: the length in epochs instead (the same epochs at any batch size)
+    train.total_epochs = 0.0  # the length in epochs instead (total_steps=0): the same epochs at any batch
     train.log_every = 100
     train.eval_every = 0  # 0 = once an epoch
     train.checkpoint_every = 1000
@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.min_lr = 0.0  # cosine floor; lower end of the cyclical schedules
     optim.cycle_steps = 2000  # triangular: steps per full cycle
     optim.warmup_steps = 0
-    optim.warmup_epochs = 0.0  # > 0: the warm-up in epochs instead of warmup_steps
+    optim.warmup_epochs = 0.0  # the warm-up in epochs instead (warmup_steps=0)
     optim.warmup = "linear"  # linear: warmup_lr -> lr; constant: warmup_lr throughout (ResNet-110)
     optim.warmup_lr = 0.0
 
@@ -144,7 +144,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice(optim.warmup, WARMUPS, "optim.warmup")
     _choice(optim.boundaries_unit, BOUNDARY_UNITS, "optim.boundaries_unit")
     _choice(config.parallel.backend, BACKENDS, "parallel.backend")
-    for field in ("batch_size", "eval_batch_size", "total_steps", "log_every", "checkpoint_every",
+    for field in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every",
                   "keep_checkpoints", "steps_per_dispatch"):
         _positive(train[field], f"train.{field}")
     for field in ("num_classes", "image_size"):
@@ -178,10 +178,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     parse_splits(data.eval_splits)
 
 
-def steps(num_steps: int, num_epochs: float, steps_per_epoch: int) -> int:
-    """A duration given in steps or (if `num_epochs` > 0) in epochs, in steps.
+def steps(num_steps: int, num_epochs: float, steps_per_epoch: int, field: str = "train.total") -> int:
+    """A duration given in steps or in epochs (the other one 0), in steps.
 
-    So `train.total_epochs=90` means 90 epochs at any batch size (big_vision's `u.steps`)."""
+    So `train.total_epochs=90` means 90 epochs at any batch size (big_vision's `u.steps`).
+
+    Raises:
+      UserError: both given, which would leave one silently ignored.
+    """
+    if num_steps > 0 and num_epochs > 0:
+        raise UserError(f"{field}_steps={num_steps} and {field}_epochs={num_epochs} are both set; give one of them "
+                        f"as 0 (e.g. --config.{field}_epochs=0)")
     return round(num_epochs * steps_per_epoch) if num_epochs > 0 else int(num_steps)
 
 
@@ -193,6 +200,7 @@ def validate_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
     """
     train, optim = config.train, config.optim
     total = steps(train.total_steps, train.total_epochs, steps_per_epoch)
+    warmup = steps(optim.warmup_steps, optim.warmup_epochs, steps_per_epoch, "optim.warmup")
     _positive(total, "the training length (train.total_steps or train.total_epochs)")
     # Absolute step boundaries past the end are refused; epoch ones are not (a shortened
     # ImageNet run keeps its recipe), nor fractions, which cannot be.
@@ -200,7 +208,6 @@ def validate_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
         late = [b for b in optim.boundaries if b >= total]
         if late:
             raise UserError(f"optim.boundaries {tuple(optim.boundaries)} reach past train.total_steps={total}: {late}")
-    warmup = steps(optim.warmup_steps, optim.warmup_epochs, steps_per_epoch)
     if warmup >= total:
         raise UserError(f"the warm-up ({warmup} steps) is not shorter than training ({total} steps)")
     return total

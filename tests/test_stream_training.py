@@ -23,7 +23,7 @@ def _config(data_dir, total_steps):
     config.data.image_size, config.data.eval_resize, config.data.workers = 32, 36, 0
     config.model.dtype = "float32"
     config.train.batch_size, config.train.eval_batch_size = 8, 8
-    config.train.total_steps, config.train.log_every = total_steps, 2
+    config.train.total_steps, config.train.total_epochs, config.train.log_every = total_steps, 0, 2
     config.train.eval_every, config.train.checkpoint_every = 4, 2
     config.train.progress = False
     config.optim.schedule = "constant"

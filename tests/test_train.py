@@ -13,6 +13,7 @@ import pytest
 from configs import cifar
 from helpers import read_jsonl, restore_state, run_main, tiny_config, tree_equal
 from resnet_jax import optim, train
+from resnet_jax.errors import UserError
 from resnet_jax.data import augment, device as device_data
 
 
@@ -284,3 +285,17 @@ def test_rerunning_an_early_stopped_run_trains_no_further(tmp_path, capsys):
     assert read_jsonl(tmp_path / "metrics.jsonl") == records  # nothing trained or logged
     assert sorted(os.listdir(tmp_path / "checkpoints")) == steps_saved
     assert "stopped early at step 15" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_imagenet_recipe_is_the_same_epochs_at_any_batch():
+    """Durations in epochs: doubling the batch halves the steps, not the epochs (issue 13)."""
+    from configs import imagenet
+    from resnet_jax import config as config_lib
+
+    config = imagenet.get_config("resnet50")
+    steps_at = lambda batch: config_lib.steps(config.train.total_steps, config.train.total_epochs, 1_281_167 // batch)
+    assert steps_at(256) == 90 * 5004 and steps_at(512) == 90 * 2502
+    warmup = imagenet.get_config("resnet50,cosine").optim
+    assert config_lib.steps(warmup.warmup_steps, warmup.warmup_epochs, 5004, "optim.warmup") == 5 * 5004
+    with pytest.raises(UserError, match="train.total_steps=1000 and train.total_epochs=90 are both set"):
+        config_lib.steps(1000, 90, 5004)
