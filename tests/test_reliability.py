@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -63,12 +64,43 @@ def test_second_signal_exits_at_once_keeping_last_checkpoint(tmp_path):
     proc = _start(tmp_path, LONG)
     _wait_for(tmp_path / "checkpoints" / "20", proc)
     proc.send_signal(signal.SIGINT)
+    # The second signal only once the first is being handled (its message is on stderr), and
+    # while the run is still writing its checkpoint (measured: 0.7-1.3 s until it would exit 3).
+    seen = []
+    while not any("SIGINT: finishing the current step" in line for line in seen):
+        line = proc.stderr.readline()
+        assert line, "".join(seen)
+        seen.append(line)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode in (3, 128 + signal.SIGINT), stderr  # the first may already have finished
-    assert "Traceback" not in stderr
+    _, rest = proc.communicate(timeout=300)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGINT, stderr  # 130: killed by the second, at once
+    assert "SIGINT again: exiting now" in stderr and "Traceback" not in stderr
     _, step = restore_state(tmp_path)  # the newest complete checkpoint still reads
     assert step >= 20
+
+
+@pytest.mark.parametrize("first,second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT),
+                                          (signal.SIGINT, signal.SIGTERM)])
+def test_signal_flag_second_signal_exits_with_its_code(first, second):
+    """SignalFlag alone, deterministically: the first signal sets the flag, the second exits
+    at once with 128 + its number (130 for Ctrl-C)."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from resnet_jax.workdir import SignalFlag
+        with SignalFlag() as flag:
+            os.kill(os.getpid(), {int(first)})
+            time.sleep(0.2)
+            assert flag.signal == signal.Signals({int(first)}).name, flag.signal
+            print("flag set", flush=True)
+            os.kill(os.getpid(), {int(second)})
+            time.sleep(10)
+        sys.exit(0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "flag set\n", result.stderr
+    assert result.returncode == 128 + second, result.stderr
+    assert f"{signal.Signals(second).name} again: exiting now" in result.stderr
 
 
 def test_kill_9_then_same_command_resumes_bitwise(tmp_path, straight):
@@ -161,11 +193,23 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
     result = run_main(blocker / "run", {}, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: workdir {blocker / 'run'} is not writable")
-    if os.geteuid() != 0:  # root writes anywhere: only a non-root user can see chmod bite
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        result = run_main(locked / "run", {}, check=False)
-        assert result.returncode == 2 and "is not writable" in result.stderr
+    result = run_main(blocker, {}, check=False)  # a regular file where the workdir should be
+    assert result.returncode == 2 and result.stderr.strip().startswith(f"error: workdir {blocker} is not writable")
+    # An existing directory without write permission. Root writes anywhere (CI runs as root),
+    # so root runs the job without the capabilities that bypass file modes.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    drop = []
+    if os.geteuid() == 0:
+        caps = "-dac_override,-dac_read_search"
+        drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run([*drop, sys.executable, "-m", "resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8",
+                             f"--workdir={locked}", *cli_args({})], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: workdir {locked} is not writable: Permission denied"
+    assert os.listdir(locked) == []
 
 
 def test_not_enough_disk_space_is_detected_before_training(tmp_path):
