@@ -96,12 +96,6 @@ def filter_normalized_direction(params: Any, rng: np.random.Generator) -> Any:
     return jax.tree.map(one, params)
 
 
-def filter_norms(tree: Any) -> Any:
-    """Per-filter norms of every kernel (norm over all axes but the last); None for 1-D."""
-    return jax.tree.map(lambda x: np.sqrt(np.sum(np.square(np.asarray(x, np.float64)),
-                                                 axis=tuple(range(x.ndim - 1)))) if x.ndim > 1 else None, tree)
-
-
 # ---------------------------------------------------------------------------------------
 # The sweep.
 

@@ -153,6 +153,39 @@ def test_sweep_evaluates_the_right_points_in_one_call():
     assert len(set(np.round(loss, 4))) == len(loss)  # every point is a different network
 
 
+SWEEP_ON_TWO_DEVICES = """
+import json, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from test_analyses import init_run, landscape
+import jax
+assert jax.device_count() == 2
+run = init_run("resnet8")
+rng = np.random.default_rng(1)
+directions = [landscape.filter_normalized_direction(run.variables["params"], rng)]
+_, points = landscape.grid_points(5, 0.5, 1)  # 5 points: padded to 6 over 2 devices
+images, labels = run.load("train")
+loss, error = landscape.sweep(run.model, run.variables, directions, points, run.normalize(images), labels, batch=40)
+print(json.dumps([loss.tolist(), error.tolist()]))
+"""
+
+
+def test_sweep_splits_the_points_over_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run([sys.executable, "-c", SWEEP_ON_TWO_DEVICES], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two_loss, two_error = json.loads(result.stdout.strip().splitlines()[-1])
+    run = init_run("resnet8")
+    directions = [landscape.filter_normalized_direction(run.variables["params"], np.random.default_rng(1))]
+    _, points = landscape.grid_points(5, 0.5, 1)
+    images, labels = run.load("train")
+    loss, error = landscape.sweep(run.model, run.variables, directions, points, run.normalize(images), labels,
+                                  batch=40)
+    np.testing.assert_allclose(two_loss, loss, rtol=1e-5)
+    np.testing.assert_array_equal(two_error, error)
+
+
 def test_landscape_centre_is_the_checkpoints_own_loss(trained):
     """At (0, 0) the landscape is the checkpoint: its loss and error on the whole training
     split equal what the trainer's own exact evaluation logged for that split and step."""
