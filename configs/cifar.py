@@ -47,7 +47,7 @@ class Schedule:
     image_size: int = 32  # synthetic images only
     synthetic_examples: int = 2048
     keep_checkpoints: int = 3
-    steps_per_dispatch: int = 1
+    steps_per_dispatch: int = 0  # auto: 1 on CPU, more on an accelerator (resnet_jax/config.py)
 
 
 SCHEDULES = {
@@ -61,9 +61,6 @@ SCHEDULES = {
         "every 2,000 steps, 1 checkpoint kept (small enough to carry off a device)",
         total_steps=16_000, batch_size=128, lr=0.1, log_every=200, eval_every=2000, checkpoint_every=2000,
         eval_batch_size=1000, keep_checkpoints=1,
-        # Dispatch overhead dominates a CIFAR step on an accelerator (XLA:CPU runs a scanned
-        # step many times slower: add --config.train.steps_per_dispatch=1 there).
-        steps_per_dispatch=100,
         eval_splits={"tfds": "test=test", "npz": "test=test,test_exact=test_exact", "synthetic": "test=test"}),
     "short": Schedule(
         "the recipe's shape in 480 steps of batch 32 (31 % of an epoch), lr 0.025 (0.1 x 32/128), "

@@ -156,7 +156,9 @@ class Trainer:
         self.eval_model = build_model(config)
         # Chunks of steps_per_dispatch steps, capped at an epoch (a chunk crosses at most one
         # epoch boundary; see DevicePipeline).
-        self.steps_per_dispatch = min(config.train.steps_per_dispatch, self.steps_per_epoch)
+        self.steps_per_dispatch = min(
+            config_lib.steps_per_dispatch(config.train.steps_per_dispatch, jax.devices()[0].platform),
+            self.steps_per_epoch)
         self.data.bind(self.step_and_accumulate, self.evaluate_step)
         self.stream_step = parallel.wrap(self.step_and_accumulate, (None, 0, None), (None, None),
                                          donate_argnums=(0, 2))

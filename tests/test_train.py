@@ -299,3 +299,13 @@ def test_imagenet_recipe_is_the_same_epochs_at_any_batch():
     assert config_lib.steps(warmup.warmup_steps, warmup.warmup_epochs, 5004, "optim.warmup") == 5 * 5004
     with pytest.raises(UserError, match="train.total_steps=1000 and train.total_epochs=90 are both set"):
         config_lib.steps(1000, 90, 5004)
+
+
+def test_steps_per_dispatch_auto_is_one_on_cpu_and_scans_on_accelerators():
+    from resnet_jax import config as config_lib
+
+    assert config_lib.steps_per_dispatch(0, "cpu") == 1
+    assert config_lib.steps_per_dispatch(0, "gpu") == config_lib.steps_per_dispatch(0, "tpu") > 1
+    assert config_lib.steps_per_dispatch(5, "cpu") == config_lib.steps_per_dispatch(5, "gpu") == 5
+    trainer = train.Trainer(tiny_config(**{"train.steps_per_dispatch": 0}), __import__("resnet_jax.parallel").parallel.Parallel())
+    assert trainer.steps_per_dispatch == 1  # these tests run on CPU
