@@ -212,7 +212,7 @@ def from_state_dict(state_dict: dict[str, np.ndarray], fmt: str, abstract: dict,
         if not np.issubdtype(value.dtype, np.floating):
             raise UserError(f"{path}: key {key!r} holds {value.dtype}, not floating-point weights")
         flat[collection][flax_path] = np.ascontiguousarray(to_flax_layout(value), dtype=np.float32)
-    missing = [key for key in expected if key not in state_dict]
+    missing = sorted((key for key in expected if key not in state_dict), key=_torch_order)
     if missing:
         raise UserError(f"{path}: no key {missing[0]!r}, which {model} needs ({len(missing)} of its "
                         f"{len(expected)} variables are missing); {hint}")
@@ -239,11 +239,20 @@ def to_state_dict(params: Any, batch_stats: Any, fmt: str, batches_tracked: int 
 
 
 def _torch_order(key: str) -> tuple:
-    """Sort key giving torch's module order: stem, layer1.0, ..., layer1.10, ..., head."""
-    parts = key.split(".")
-    rank = 0 if parts[0] in ("conv1", "bn1") else 2 if parts[0] in ("fc", "linear") else 1
-    leaf = ("weight", "bias", "running_mean", "running_var", BN_COUNTER).index(parts[-1])
-    return (rank, [int(p) if p.isdigit() else p for p in parts[:-1]], leaf)
+    """Sort key giving torch's order, that of the modules' definition: conv1, bn1, layer1.0
+    (conv1, bn1, conv2, bn2, ..., downsample), ..., layer1.10, ..., fc."""
+
+    def rank(part: str) -> tuple[int, int]:
+        if part.isdigit():
+            return (0, int(part))
+        if part.startswith(("conv", "bn")):  # convK before bnK before conv(K+1)
+            return (int(part.lstrip("convbn")), 0 if part.startswith("conv") else 1)
+        if part.startswith("layer"):
+            return (100, int(part[len("layer"):]))
+        return (200, 0) if part in ("downsample", "shortcut") else (300, 0)  # the projection, the head
+
+    *modules, leaf = key.split(".")
+    return ([rank(part) for part in modules], ("weight", "bias", "running_mean", "running_var", BN_COUNTER).index(leaf))
 
 
 # ---------------------------------------------------------------------------------------
