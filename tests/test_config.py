@@ -1,0 +1,147 @@
+"""resnet_jax.config in-process (issue 19): every validation rule refuses what it should with
+the message a user reads, and accepts the recipes; lengths in steps or epochs. Fast (no
+training), so the mutation run (scripts/mutation.sh) can use them."""
+
+import pytest
+
+from configs import cifar, digits, imagenet
+from resnet_jax import config as config_lib
+from resnet_jax.errors import UserError
+
+
+def _with(**overrides):
+    config = digits.get_config()
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("config", [cifar.get_config("resnet56"), cifar.get_config("plain20"),
+                                    cifar.get_config("resnet110"), imagenet.get_config("resnet50"), digits.get_config(),
+                                    config_lib.default_config()], ids=["r56", "p20", "r110", "r50", "digits", "default"])
+def test_recipes_validate(config):
+    config_lib.validate(config, 1)
+    config_lib.validate(config, 4)  # every recipe's batches divide over 4 devices
+
+
+@pytest.mark.parametrize("overrides,devices,message", [
+    ({"model.name": "resnet57"}, 1, "unknown model 'resnet57'"),
+    ({"model.shortcut": "D"}, 1, "shortcut"),
+    ({"model.name": "plain20", "model.zero_init_residual": True}, 1, "zero_init_residual"),
+    ({"model.dtype": "float16"}, 1, "unknown model.dtype 'float16'; choose from float32, bfloat16"),
+    ({"data.source": "csv"}, 1, "unknown data.source 'csv'; choose from tfds, npz, digits, synthetic"),
+    ({"data.pipeline": "disk"}, 1, "unknown data.pipeline 'disk'; choose from device, stream"),
+    ({"data.normalization": "zca"}, 1, "unknown data.normalization 'zca'"),
+    ({"optim.name": "rmsprop"}, 1, "unknown optim.name 'rmsprop'; choose from sgd, adam"),
+    ({"optim.schedule": "exponential"}, 1, "unknown optim.schedule 'exponential'"),
+    ({"optim.warmup": "cubic"}, 1, "unknown optim.warmup 'cubic'; choose from linear, constant"),
+    ({"optim.boundaries_unit": "hours"}, 1, "unknown optim.boundaries_unit 'hours'"),
+    ({"parallel.backend": "xmap"}, 1, "unknown parallel.backend 'xmap'; choose from shard_map, pmap"),
+    ({"train.batch_size": 0}, 1, "train.batch_size must be positive, got 0"),
+    ({"train.eval_batch_size": -1}, 1, "train.eval_batch_size must be positive, got -1"),
+    ({"train.log_every": 0}, 1, "train.log_every must be positive"),
+    ({"train.checkpoint_every": 0}, 1, "train.checkpoint_every must be positive"),
+    ({"train.keep_checkpoints": 0}, 1, "train.keep_checkpoints must be positive"),
+    ({"train.steps_per_dispatch": -1}, 1, "train.steps_per_dispatch must be >= 0 (0 = auto), got -1"),
+    ({"data.num_classes": 0}, 1, "data.num_classes must be positive"),
+    ({"data.image_size": 0}, 1, "data.image_size must be positive"),
+    ({"optim.lr": 0.0}, 1, "optim.lr must be positive, got 0.0"),
+    ({"model.dropout_rate": 1.0}, 1, "model.dropout_rate must be in [0, 1), got 1.0"),
+    ({"model.dropout_rate": -0.1}, 1, "model.dropout_rate must be in [0, 1)"),
+    ({"train.eval_every": -1}, 1, "must be >= 0"),
+    ({"optim.warmup_steps": -1}, 1, "must be >= 0"),
+    ({"data.crop_padding": -1}, 1, "must be >= 0"),
+    ({"train.total_epochs": -1.0}, 1, "must be >= 0"),
+    ({"optim.warmup_epochs": -0.5}, 1, "must be >= 0"),
+    ({"train.batch_size": 66}, 4, "train.batch_size=66 does not divide over 4 devices; use a multiple of 4"),
+    ({"train.eval_batch_size": 362}, 4, "train.eval_batch_size=362 does not divide over 4 devices"),
+    ({"optim.schedule": "multistep", "optim.boundaries": (0.5, 1.0)}, 1,
+     "optim.boundaries (0.5, 1.0) must be fractions in (0, 1) with optim.boundaries_unit=fraction"),
+    ({"optim.schedule": "multistep", "optim.boundaries": (0.0,)}, 1, "must be fractions in (0, 1)"),
+    ({"data.source": "npz"}, 1, "data.source=npz needs data.path=FILE.npz"),
+    ({"data.source": "npz", "data.path": "/nonexistent/x.npz"}, 1, "data file not found: /nonexistent/x.npz"),
+    ({"data.pipeline": "stream"}, 1, "data.pipeline=stream reads TFDS datasets; use data.pipeline=device for "
+                                     "data.source=digits"),
+    ({"data.eval_splits": "test"}, 1, "data.eval_splits item 'test' is not name=split"),
+    ({"data.eval_splits": "=test"}, 1, "is not name=split"),
+    ({"data.eval_splits": "test="}, 1, "is not name=split"),
+])
+def test_validate_refuses(overrides, devices, message):
+    with pytest.raises(UserError) as raised:
+        config_lib.validate(_with(**overrides), devices)
+    assert message in str(raised.value)
+
+
+def test_validate_accepts_the_edges():
+    """What the rules allow, right at their edges."""
+    for overrides in ({"model.dropout_rate": 0.0}, {"train.eval_every": 0}, {"optim.warmup_steps": 0},
+                      {"data.crop_padding": 0}, {"optim.schedule": "multistep", "optim.boundaries": (0.25, 0.999)},
+                      {"data.eval_splits": ""}, {"train.steps_per_dispatch": 0},
+                      {"optim.schedule": "cosine", "optim.boundaries": (5,)},  # boundaries only bind multistep
+                      {"optim.boundaries_unit": "steps", "optim.boundaries": (5, 600)}):
+        config_lib.validate(_with(**overrides), 1)
+    config_lib.validate(_with(**{"train.batch_size": 64, "train.eval_batch_size": 360}), 4)
+
+
+def test_parse_splits():
+    assert config_lib.parse_splits(" val = train[45000:] , test=test,") == {"val": "train[45000:]", "test": "test"}
+    assert config_lib.parse_splits("") == {}
+    assert config_lib.parse_splits("a=train[:10%]") == {"a": "train[:10%]"}
+
+
+def test_steps_in_steps_or_epochs():
+    assert config_lib.steps(1000, 0.0, 390) == 1000
+    assert config_lib.steps(0, 2.5, 390) == 975
+    assert config_lib.steps(0, 0.5, 3) == 2  # rounded, not truncated (1.5 -> 2)
+    assert isinstance(config_lib.steps(7.0, 0, 3), int)
+    with pytest.raises(UserError, match=r"train.total_steps=1000 and train.total_epochs=2.5 are both set"):
+        config_lib.steps(1000, 2.5, 390)
+
+
+@pytest.mark.parametrize("overrides,steps_per_epoch,total", [
+    ({"train.total_steps": 100}, 10, 100),
+    ({"train.total_steps": 0, "train.total_epochs": 3.0}, 10, 30),
+    ({"optim.schedule": "multistep", "optim.boundaries_unit": "steps", "optim.boundaries": (99,),
+      "train.total_steps": 100}, 10, 100),
+    # Epoch boundaries past the end are allowed: a shortened ImageNet run keeps its recipe.
+    ({"optim.schedule": "multistep", "optim.boundaries_unit": "epochs", "optim.boundaries": (30,),
+      "train.total_steps": 100}, 10, 100),
+    ({"optim.warmup_steps": 99, "train.total_steps": 100}, 10, 100),
+])
+def test_validate_lengths_accepts(overrides, steps_per_epoch, total):
+    assert config_lib.validate_lengths(_with(**overrides), steps_per_epoch) == total
+
+
+@pytest.mark.parametrize("overrides,steps_per_epoch,message", [
+    ({"optim.schedule": "multistep", "optim.boundaries_unit": "steps", "optim.boundaries": (50, 100),
+      "train.total_steps": 100}, 10, "optim.boundaries (50, 100) reach past train.total_steps=100: [100]"),
+    ({"optim.warmup_steps": 100, "train.total_steps": 100}, 10,
+     "the warm-up (100 steps) is not shorter than training (100 steps)"),
+    ({"optim.warmup_epochs": 2.0, "train.total_steps": 0, "train.total_epochs": 2.0}, 10,
+     "the warm-up (20 steps) is not shorter"),
+    ({"train.total_steps": 0, "train.total_epochs": 0.01}, 10,
+     "the training length (train.total_steps or train.total_epochs) must be positive"),
+    ({"train.total_steps": 0}, 10, "the training length (train.total_steps or train.total_epochs) must be positive"),
+    ({"optim.warmup_steps": 5, "optim.warmup_epochs": 1.0}, 10, "optim.warmup_steps=5 and optim.warmup_epochs=1.0"),
+])
+def test_validate_lengths_refuses(overrides, steps_per_epoch, message):
+    with pytest.raises(UserError) as raised:
+        config_lib.validate_lengths(_with(**overrides), steps_per_epoch)
+    assert message in str(raised.value)
+
+
+def test_defaults_are_the_paper_recipe():
+    """The defaults are He et al.'s CIFAR-10 recipe (DESIGN.md), which the recipes build on."""
+    config = config_lib.default_config()
+    assert (config.model.name, config.model.shortcut, config.model.dtype, config.model.bn_sync) == \
+        ("resnet20", "A", "float32", True)
+    assert (config.train.batch_size, config.train.total_steps, config.optim.lr, config.optim.momentum,
+            config.optim.weight_decay) == (128, 64_000, 0.1, 0.9, 1e-4)
+    assert (tuple(config.optim.boundaries), config.optim.decay_factor, config.optim.schedule) == \
+        ((0.5, 0.75), 0.1, "multistep")
+    assert (config.data.crop_padding, config.data.flip, config.data.normalization) == (4, True, "per_pixel_mean")
+    assert config.overwrite is False and config.parallel.backend == "shard_map"
