@@ -213,6 +213,12 @@ def test_landscape_command(trained, tmp_path, capsys):
     for name in ("landscape_2d.png", "landscape_1d.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "centre loss" in capsys.readouterr().out
+    line = tmp_path / "line"
+    assert landscape.run(["landscape", f"--workdir={trained}", f"--out={line}", "--grid=3", "--examples=64",
+                          "--span=0.5", "--dims=1"]) == 0
+    run = json.loads((line / "landscape.json").read_text())["runs"][0]
+    assert np.asarray(run["loss"]).shape == (3,) and run["centre"] == first["centre"]
+    assert sorted(os.listdir(line)) == ["landscape.json", "landscape_1d.png"]
 
 
 # ---------------------------------------------------------------------------------------
