@@ -211,7 +211,7 @@ NO_COMPILE = textwrap.dedent("""
     from resnet_jax.errors import UserError
 
     out = {}
-    for name, workdir in (("different run", sys.argv[1]), ("no disk space", sys.argv[2])):
+    for name, workdir in (("different run", sys.argv[1]), ("no disk space", sys.argv[2]), ("not writable", sys.argv[3])):
         events.clear()
         real = shutil.disk_usage
         if name == "no disk space":
@@ -235,14 +235,21 @@ def test_user_errors_come_before_anything_is_compiled_or_written(tmp_path):
     other.mkdir()
     workdir_lib.write_config(tiny_config(**{"model.name": "resnet14"}), str(other))
     config_before = (other / "config.json").read_bytes()
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    # Root writes anywhere (CI runs as root): run without the capabilities that bypass file modes.
+    caps = "-dac_override,-dac_read_search"
+    drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-    result = subprocess.run([sys.executable, "-c", NO_COMPILE, str(other), str(tmp_path / "full")], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*drop, sys.executable, "-c", NO_COMPILE, str(other), str(tmp_path / "full"), str(locked)],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert "holds a different run" in out["different run"][0] and out["different run"][1] == []
     assert "not enough disk space" in out["no disk space"][0] and out["no disk space"][1] == []
+    assert out["not writable"] == [f"workdir {locked} is not writable: Permission denied", []]
+    assert os.listdir(locked) == []
     assert (other / "config.json").read_bytes() == config_before
     assert sorted(os.listdir(other)) == [".lock", "config.json"]
     assert sorted(os.listdir(tmp_path / "full")) == [".lock"]
