@@ -340,8 +340,10 @@ def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
     config_lib.validate(config, jax.device_count())
     family, model = _family(config), config.model.name
     if family != FORMATS[fmt]["family"]:
-        raise UserError(f"--format={fmt} holds {FORMATS[fmt]['family']} nets ({FORMATS[fmt]['models']}), "
-                        f"but {model} is an {family} net; use --format={FORMAT_OF_FAMILY[family]} or another --config")
+        kind = {"cifar": "CIFAR", "imagenet": "ImageNet"}
+        raise UserError(f"--format={fmt} holds {kind[FORMATS[fmt]['family']]} nets ({FORMATS[fmt]['models']}), "
+                        f"but {model} is {'an' if family == 'imagenet' else 'a'} {kind[family]} net; use "
+                        f"--format={FORMAT_OF_FAMILY[family]} or another --config")
 
     state_dict = state_dict_of(torch_files.load(file), file, fmt)
     abstract = train.abstract_variables(config, _image_shape(config))
@@ -494,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"imported {done['variables']} arrays of {done['model']} from {flag_values.file} "
                   f"({flag_values.format}) into {done['workdir']} at step 0 (data.normalization=imagenet); "
                   f"evaluate: python -m resnet_jax.evaluate --workdir={done['workdir']}", flush=True)
+            if flag_values.config.model.dtype != "float32":
+                print(f"note: model.dtype={flag_values.config.model.dtype} (the recipe's) computes in lower precision "
+                      "than torch: add --config.model.dtype=float32 for torch's logits to about 1e-6", flush=True)
         else:
             done = export_weights(os.path.expanduser(flag_values.workdir), os.path.expanduser(flag_values.file),
                                   flag_values.checkpoint)
