@@ -5,7 +5,7 @@
 
 - synthetic: the mapped train step on one fixed batch already on the device (what
   ../shared/bench/reference.py measures); ms/step (median of three rounds of --steps/3
-  back-to-back steps), img/s, model FLOP/s
+  back-to-back steps), img/s, compile time (lowering + XLA compilation), model FLOP/s
   (from XLA's cost analysis of the compiled step) and MFU against the card's peak.
 - device: `train_and_evaluate` end to end on device-resident data (gather, augmentation,
   per-epoch evaluation and checkpoints included), from its logged images/s.
@@ -93,10 +93,16 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
                   "mask": np.ones(batch, np.float32)}
     device_batch = parallel.shard(host_batch)
     step = trainer.stream_step
+    start = time.perf_counter()
     compiled = step.lower(state, device_batch, acc).compile() if hasattr(step, "lower") else None
+    if compiled is None:  # no AOT lowering: the first call compiles (and runs one step)
+        state, acc = step(state, device_batch, acc)
+        jax.block_until_ready(acc)
+    compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis() if compiled is not None else None
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    step = compiled or step  # the executable just built: calling `step` would compile it again
     for _ in range(warmup):
         state, acc = step(state, device_batch, acc)
     jax.block_until_ready(acc)
@@ -114,7 +120,7 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
     # cost_analysis counts one device's program under shard_map: scale by devices.
     total_flops = flops * parallel.num_devices
     peak = _peak(config.model.dtype)
-    return {"ms_per_step": 1e3 * median, "images_per_sec": batch / median,
+    return {"ms_per_step": 1e3 * median, "images_per_sec": batch / median, "compile_s": compile_s,
             "tflops_per_sec": total_flops / median / 1e12 if flops else None,
             "mfu": total_flops / median / (peak * parallel.num_devices) if flops and peak else None}
 

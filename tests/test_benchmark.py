@@ -26,6 +26,7 @@ def test_synthetic_step_row(tmp_path):
     row = _run(tmp_path, "--data=synthetic", "--dtype=float32")
     assert row["images_per_sec"] > 0 and row["ms_per_step"] > 0 and row["device"] == "2x cpu"
     assert row["tflops_per_sec"] > 0  # XLA's cost analysis counted the step's FLOPs
+    assert row["compile_s"] > 0  # lowering + compilation timed apart from the steps
 
 
 def test_device_end_to_end_row(tmp_path):
