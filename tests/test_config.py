@@ -9,6 +9,9 @@ from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError
 
 
+GE = "train.eval_every, train.total_epochs, optim.warmup_steps, optim.warmup_epochs and data.crop_padding must be >= 0"
+
+
 def _with(**overrides):
     config = digits.get_config()
     for key, value in overrides.items():
@@ -30,8 +33,11 @@ def test_recipes_validate(config):
 
 @pytest.mark.parametrize("overrides,devices,message", [
     ({"model.name": "resnet57"}, 1, "unknown model 'resnet57'"),
-    ({"model.shortcut": "D"}, 1, "shortcut"),
-    ({"model.name": "plain20", "model.zero_init_residual": True}, 1, "zero_init_residual"),
+    ({"model.shortcut": "D"}, 1, "unknown shortcut 'D'; choose from A, B, C"),
+    ({"model.name": "plain20", "model.zero_init_residual": True}, 1, "zero_init_residual needs skip connections"),
+    ({"model.name": "resnet18"}, 1, "unknown model 'resnet18'"),  # digits sets model.family=cifar
+    ({"model.name": "resnet50", "model.family": "", "model.bottleneck_stride": "v3"}, 1,
+     "unknown bottleneck_stride 'v3'; choose from v1, v1.5"),
     ({"model.dtype": "float16"}, 1, "unknown model.dtype 'float16'; choose from float32, bfloat16"),
     ({"data.source": "csv"}, 1, "unknown data.source 'csv'; choose from tfds, npz, digits, synthetic"),
     ({"data.pipeline": "disk"}, 1, "unknown data.pipeline 'disk'; choose from device, stream"),
@@ -52,28 +58,28 @@ def test_recipes_validate(config):
     ({"optim.lr": 0.0}, 1, "optim.lr must be positive, got 0.0"),
     ({"model.dropout_rate": 1.0}, 1, "model.dropout_rate must be in [0, 1), got 1.0"),
     ({"model.dropout_rate": -0.1}, 1, "model.dropout_rate must be in [0, 1)"),
-    ({"train.eval_every": -1}, 1, "must be >= 0"),
-    ({"optim.warmup_steps": -1}, 1, "must be >= 0"),
-    ({"data.crop_padding": -1}, 1, "must be >= 0"),
-    ({"train.total_epochs": -1.0}, 1, "must be >= 0"),
-    ({"optim.warmup_epochs": -0.5}, 1, "must be >= 0"),
+    ({"train.eval_every": -1}, 1, GE),
+    ({"optim.warmup_steps": -1}, 1, GE),
+    ({"data.crop_padding": -1}, 1, GE),
+    ({"train.total_epochs": -1.0}, 1, GE),
+    ({"optim.warmup_epochs": -0.5}, 1, GE),
     ({"train.batch_size": 66}, 4, "train.batch_size=66 does not divide over 4 devices; use a multiple of 4"),
     ({"train.eval_batch_size": 362}, 4, "train.eval_batch_size=362 does not divide over 4 devices"),
     ({"optim.schedule": "multistep", "optim.boundaries": (0.5, 1.0)}, 1,
      "optim.boundaries (0.5, 1.0) must be fractions in (0, 1) with optim.boundaries_unit=fraction"),
-    ({"optim.schedule": "multistep", "optim.boundaries": (0.0,)}, 1, "must be fractions in (0, 1)"),
+    ({"optim.schedule": "multistep", "optim.boundaries": (0.0,)}, 1, "optim.boundaries (0.0,) must be fractions in (0, 1)"),
     ({"data.source": "npz"}, 1, "data.source=npz needs data.path=FILE.npz"),
     ({"data.source": "npz", "data.path": "/nonexistent/x.npz"}, 1, "data file not found: /nonexistent/x.npz"),
     ({"data.pipeline": "stream"}, 1, "data.pipeline=stream reads TFDS datasets; use data.pipeline=device for "
                                      "data.source=digits"),
     ({"data.eval_splits": "test"}, 1, "data.eval_splits item 'test' is not name=split"),
-    ({"data.eval_splits": "=test"}, 1, "is not name=split"),
-    ({"data.eval_splits": "test="}, 1, "is not name=split"),
+    ({"data.eval_splits": "=test"}, 1, "data.eval_splits item '=test' is not name=split"),
+    ({"data.eval_splits": "test="}, 1, "data.eval_splits item 'test=' is not name=split"),
 ])
 def test_validate_refuses(overrides, devices, message):
     with pytest.raises(UserError) as raised:
         config_lib.validate(_with(**overrides), devices)
-    assert message in str(raised.value)
+    assert str(raised.value).startswith(message), str(raised.value)
 
 
 def test_validate_accepts_the_edges():
@@ -81,10 +87,18 @@ def test_validate_accepts_the_edges():
     for overrides in ({"model.dropout_rate": 0.0}, {"train.eval_every": 0}, {"optim.warmup_steps": 0},
                       {"data.crop_padding": 0}, {"optim.schedule": "multistep", "optim.boundaries": (0.25, 0.999)},
                       {"data.eval_splits": ""}, {"train.steps_per_dispatch": 0},
+                      {"model.name": "resnet18", "model.family": ""}, {"data.source": "synthetic"},
                       {"optim.schedule": "cosine", "optim.boundaries": (5,)},  # boundaries only bind multistep
                       {"optim.boundaries_unit": "steps", "optim.boundaries": (5, 600)}):
         config_lib.validate(_with(**overrides), 1)
     config_lib.validate(_with(**{"train.batch_size": 64, "train.eval_batch_size": 360}), 4)
+
+
+def test_steps_per_dispatch_auto():
+    assert config_lib.steps_per_dispatch(3, "gpu") == config_lib.steps_per_dispatch(3, "cpu") == 3
+    assert config_lib.steps_per_dispatch(0, "cpu") == 1  # XLA:CPU runs scanned steps slower
+    assert config_lib.steps_per_dispatch(0, "gpu") == config_lib.steps_per_dispatch(0, "tpu") == \
+        config_lib.AUTO_ACCELERATOR_STEPS_PER_DISPATCH > 1
 
 
 def test_parse_splits():
@@ -111,6 +125,9 @@ def test_steps_in_steps_or_epochs():
     ({"optim.schedule": "multistep", "optim.boundaries_unit": "epochs", "optim.boundaries": (30,),
       "train.total_steps": 100}, 10, 100),
     ({"optim.warmup_steps": 99, "train.total_steps": 100}, 10, 100),
+    # Boundaries bind only the multistep schedule.
+    ({"optim.schedule": "cosine", "optim.boundaries_unit": "steps", "optim.boundaries": (500,),
+      "train.total_steps": 100}, 10, 100),
 ])
 def test_validate_lengths_accepts(overrides, steps_per_epoch, total):
     assert config_lib.validate_lengths(_with(**overrides), steps_per_epoch) == total
