@@ -105,20 +105,12 @@ def conv_paths(params: Any) -> list[tuple[str, ...]]:
 def probe_batch(data=None, batch: int = 128):
     """`batch` normalised training images and labels, as the trainer normalises them: the
     first images of `data.train_split` (a config's data section; None: random 32x32 images).
-    The one place an experiment reads data itself. Returns (float32 [B,H,W,C], int32 [B])."""
-    import numpy as np
-
-    from resnet_jax.data import device as device_data
-    from resnet_jax.data import sources
+    Returns (float32 [B,H,W,C], int32 [B])."""
+    from resnet_jax.data import pipeline
 
     if data is None:
         data = runs.make_run("probe", "resnet20,synthetic").config().data
-    arrays = sources.load_split(data, data.train_split, "training")
-    if len(arrays.labels) < batch:
-        raise UserError(f"--grad_batch={batch} is more than the {len(arrays.labels)} training images")
-    mean, std = device_data.normalization_stats(data, arrays)
-    images = (arrays.images[:batch].astype(np.float32) - mean) / std
-    return images, arrays.labels[:batch].astype(np.int32)
+    return pipeline.training_examples(data, batch)
 
 
 def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_overrides) -> dict:

@@ -211,15 +211,17 @@ def _next_event(step: int, total: int, *periods: int) -> int:
 
 def _restore_or_init(trainer: Trainer, checkpoints: Checkpoints) -> tuple[TrainState, dict, list[str]]:
     """The latest good checkpoint, or a fresh state (from `train.init_from` if set); the
-    run's bookkeeping; and lines worth telling the user."""
+    run's bookkeeping (meta["restored"]: whether a checkpoint was); and lines worth telling
+    the user."""
     parallel = trainer.parallel
     meta = {"best_error": None, "best_step": None, "evals_since_best": 0, "stopped_early": None,
             "data_state": None}
     restored = checkpoints.restore(abstract_like(trainer.abstract_state(), parallel.replicated))
     if restored:
         global_state, saved_meta, _ = restored
-        return parallel.from_global(global_state), {**meta, **saved_meta}, []
+        return parallel.from_global(global_state), {**meta, **saved_meta, "restored": True}, []
     state, notes = trainer.init_state(), []
+    meta["restored"] = False
     if trainer.config.train.init_from:
         from resnet_jax import convert  # fine-tuning only
 
@@ -263,11 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         reporter = Reporter(workdir, total, step, train_cfg.progress)
         reporter.print(f"{config.model.name} on {config.data.name} ({config.data.source}), {parallel.describe()}, "
                        f"global batch {train_cfg.batch_size}, {trainer.steps_per_epoch} steps/epoch, "
-                       + (f"resuming at step {step}" if step else "from scratch"))
+                       + (f"resuming at step {step}" if meta["restored"] else
+                          f"from {config.train.init_from}" if config.train.init_from else "from scratch"))
         reporter.started(workdir, checkpoints.directory)
         for line in notes:
             reporter.print(line)
-        final = _loop(trainer, state, meta, step, checkpoints, reporter)
+        # Weights not trained here (imported, or fine-tuning's start) are evaluated first.
+        evaluate_first = step == 0 and (meta["restored"] or bool(config.train.init_from)) and meta["best_step"] is None
+        final = _loop(trainer, state, meta, step, checkpoints, reporter, evaluate_first)
     finally:
         if reporter is not None:
             reporter.close()
@@ -289,9 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoints: Checkpoints,
-          reporter: Reporter) -> dict:
+          reporter: Reporter, evaluate_first: bool) -> dict:
     """Chunks of steps until the end (or an early stop); logs, evaluates and checkpoints
-    when it is time. Returns {"results": last evaluation, "step"}."""
+    when it is time. `evaluate_first`: evaluate before the first step too (imported or
+    fine-tuned weights: the first logged error is theirs). Returns {"results", "step"}."""
     config, parallel, data, total = trainer.config, trainer.parallel, trainer.data, trainer.total_steps
     train_cfg = config.train
     eval_every = train_cfg.eval_every or trainer.steps_per_epoch
@@ -301,10 +307,32 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
     results = {}
     window_start, window_step, paused_s = time.time(), step, 0.0
 
+    def evaluate(step: int) -> tuple[float, bool]:
+        """Evaluates every split, tracks the best and the patience; (error, new best?)."""
+        nonlocal results
+        results = data.evaluate(state)
+        error = results[watched]["error"]
+        new_best = meta["best_error"] is None or error < meta["best_error"]
+        if new_best:
+            meta.update(best_error=error, best_step=step, evals_since_best=0)
+        else:
+            meta["evals_since_best"] += 1
+        reporter.evaluated(step, results, meta["best_step"], meta["best_error"], watched)
+        patience = train_cfg.early_stopping_patience
+        if patience and meta["evals_since_best"] >= patience:
+            meta["stopped_early"] = step
+            reporter.print(f"early stopping at step {step}: no better {watched} error in {patience} evaluations")
+        return error, new_best
+
     def save(step: int, error: float | None) -> None:
         meta["data_state"] = data.get_state()
-        checkpoints.save(step, parallel.to_global(state), dict(meta, step=step), error)
+        saved = {k: v for k, v in meta.items() if k != "restored"}
+        checkpoints.save(step, parallel.to_global(state), dict(saved, step=step), error)
 
+    if evaluate_first and step < total:
+        error, new_best = evaluate(step)
+        if new_best and step not in checkpoints.steps():  # an imported run has its step 0 already
+            save(step, error)
     with workdir_lib.SignalFlag() as interrupt:
         while step < total and not meta["stopped_early"]:
             num_steps = trainer.chunk_length(step, _next_event(step, total, *periods))
@@ -328,21 +356,7 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
                 acc = trainer.zero_accumulator()
                 window_start, window_step, paused_s = time.time(), step, 0.0
             busy_since = time.time()
-            error, new_best = None, False
-            if is_eval:
-                results = data.evaluate(state)
-                error = results[watched]["error"]
-                new_best = meta["best_error"] is None or error < meta["best_error"]
-                if new_best:
-                    meta.update(best_error=error, best_step=step, evals_since_best=0)
-                else:
-                    meta["evals_since_best"] += 1
-                reporter.evaluated(step, results, meta["best_step"], meta["best_error"], watched)
-                patience = train_cfg.early_stopping_patience
-                if patience and meta["evals_since_best"] >= patience:
-                    meta["stopped_early"] = step
-                    reporter.print(f"early stopping at step {step}: no better {watched} error in {patience} "
-                                   "evaluations")
+            error, new_best = evaluate(step) if is_eval else (None, False)
             # Checkpoints at their cadence, at the end, when stopping, and when an evaluation
             # sets a new best (so the best one always exists to evaluate later).
             if is_checkpoint or new_best or meta["stopped_early"] or interrupt.signal:

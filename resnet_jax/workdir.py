@@ -20,7 +20,7 @@ import ml_collections
 from resnet_jax.errors import UserError
 
 # Fields that define what a run *is*: resuming with any of them changed would mix two runs.
-IDENTITY_FIELDS = ("model", "data.source", "data.name", "data.path", "data.image_size",
+IDENTITY_FIELDS = ("model", "data.source", "data.name", "data.path", "data.image_size", "data.normalization",
                    "data.num_classes", "data.train_split", "train.batch_size", "train.seed")
 LOCK_FILE = ".lock"
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from helpers import read_jsonl
 from resnet_jax import cli, convert, models, torch_files, train
 from resnet_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment
 from resnet_jax.errors import UserError
@@ -270,6 +271,13 @@ def test_training_continues_from_an_imported_run(imported, tmp_path):
 
     config = _config(*args, "--config.data.normalization=imagenet")
     train.train_and_evaluate(config, workdir)
+    # The first evaluation logged is of the imported weights, at step 0, before any step.
+    from resnet_jax import evaluate
+
+    first = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[0]
+    assert first["step"] == 0 and first["split"] == "test"
+    report = evaluate.report(workdir, "test", 0, str(tmp_path / "report"))
+    assert first["error"] == pytest.approx(report["error"], abs=1e-9)
     _, start, _ = convert._restore_variables(imported["workdir"])
     _, after, step = convert._restore_variables(workdir, "latest")
     assert step == 2

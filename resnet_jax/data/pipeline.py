@@ -255,3 +255,20 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, global_batch: in
             yield {**batch, "pixels": pixels}
     finally:
         iterator.close()
+
+
+def training_examples(data: ml_collections.ConfigDict, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` training examples, normalised as the trainer normalises them
+    (statistics of the whole training split): for probes and analyses outside training.
+
+    Returns:
+      (float32 images [count, H, W, C], int32 labels [count]).
+
+    Raises:
+      UserError: a bad split, or fewer than `count` training examples.
+    """
+    arrays = sources.load_split(data, data.train_split, role="training")
+    if len(arrays.labels) < count:
+        raise UserError(f"{count} examples asked for, but {data.train_split!r} has {len(arrays.labels)}")
+    mean, std = device.normalization_stats(data, arrays)
+    return (arrays.images[:count].astype(np.float32) - mean) / std, arrays.labels[:count].astype(np.int32)
