@@ -85,6 +85,8 @@ class DevicePipeline(_Pipeline):
     def __init__(self, config, parallel):
         super().__init__(config, parallel)
         data = config.data
+        if data.source == "tfds":  # a download that fails is about the dataset, not a split
+            sources.prepare_tfds(data.name, data.data_dir)
         train = sources.load_split(data, data.train_split, role="training")
         evals = {name: sources.load_split(data, split, role=f"eval split {name!r}")
                  for name, split in self.eval_splits.items()}
