@@ -1,7 +1,7 @@
 """Everything a GPU or TPU can show about resnet_jax, from one command that keeps to a budget.
 
     python -m experiments.device_suite --out=DIR [--parts=bench,e2e,degradation] [--budget_s=480]
-        [--tiny] [--reference=PATH] [--data=CIFAR10.npz]
+        [--tiny] [--reference=PATH] [--data=CIFAR10.npz] [--bench=resnet56_b128,...] [--e2e_dispatch=1,10,130]
 
 - bench: the bf16 synthetic train step of resnet50 (batch 256, 224 px), resnet56 (128),
   resnet20 (128) and resnet56 (1024), each beside the plain reference benchmark
@@ -68,8 +68,10 @@ flags.DEFINE_string("reference", "", "reference.py (default: ../shared/bench/ref
                     ".gpu/bench/reference.py).", flag_values=FLAGS)
 flags.DEFINE_string("data", "", "CIFAR-10 .npz for e2e and degradation (default: /tmp/data/cifar10.npz, else "
                     "../shared/data/cifar10/cifar10.npz).", flag_values=FLAGS)
-flags.DEFINE_list("e2e_dispatch", ["1", "130"], "e2e: train.steps_per_dispatch values to run (divisors of 130).",
+flags.DEFINE_list("e2e_dispatch", ["1", "10", "130"], "e2e: train.steps_per_dispatch values to run (divisors of 130).",
                   flag_values=FLAGS)
+flags.DEFINE_list("bench", None, "bench: only these configurations (default all): resnet50_b256, resnet56_b128, "
+                  "resnet20_b128, resnet56_b1024.", flag_values=FLAGS)
 flags.DEFINE_bool("torch", True, "bench: also the torchvision references where torch sees a GPU.", flag_values=FLAGS)
 
 
@@ -250,7 +252,10 @@ class Suite:
         command = [sys.executable, "-m", "resnet_jax.main", *run.args(workdir)]
         proc = self.spawn(command, key, deadline, training=True, env=run.env(), watch=watch)
         step, results = runs.last_evaluation(workdir) if os.path.isdir(workdir) else (0, {})
+        saved = os.path.join(workdir, "checkpoints")
+        saved = [int(d) for d in os.listdir(saved) if d.isdigit()] if os.path.isdir(saved) else []
         record = {"name": run.name, "step": step, "total_steps": total, "results": results,
+                  "checkpoint_step": max(saved, default=None),
                   "minutes": proc["seconds"] / 60, "command": run.command(workdir), **proc,
                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}
         if proc["code"] == 0:
@@ -317,7 +322,8 @@ class Suite:
         if self.tiny:
             planned = degradation.plan("smoke", [8], 1, None)
         else:
-            planned = degradation.plan("gpu", [20, 56], 1, f"npz:{self.data}")
+            # Without data (not yet on the device machine) only the names are used: nothing runs.
+            planned = degradation.plan("gpu", [20, 56], 1, f"npz:{self.data}" if self.data else None)
         extra = (("train.keep_checkpoints", 1), ("train.progress", False))
         return [dataclasses.replace(r, overrides=r.overrides + extra) for r in planned]
 
@@ -326,7 +332,7 @@ class Suite:
 
     def tasks(self, parts: Sequence[str], torch_gpu: bool | None) -> list[Task]:
         tasks = []
-        benches = TINY_BENCHES if self.tiny else BENCHES
+        benches = self.benches()
         quick = 3.0 if self.tiny else None
         if "bench" in parts:
             for b in benches:
@@ -351,6 +357,17 @@ class Suite:
                 tasks.append(Task(f"degradation/{run.name}", "degradation", quick or 60,
                                   lambda t, d, run=run, w=workdir: self.train_run(run, w, t.key, d), training=True))
         return tasks
+
+    def benches(self) -> tuple[Bench, ...]:
+        if self.tiny:
+            return TINY_BENCHES
+        if not FLAGS.bench:
+            return BENCHES
+        known = {b.key: b for b in BENCHES}
+        unknown = [k for k in FLAGS.bench if k not in known]
+        if unknown:
+            raise UserError(f"--bench: unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
+        return tuple(known[k] for k in FLAGS.bench)
 
     def dispatch_values(self) -> list[int]:
         if self.tiny:
@@ -383,14 +400,14 @@ class Suite:
             for task in self.tasks(parts, machine.get("torch_gpu")):
                 if self.is_done(task):
                     continue
+                if task.part in ("e2e", "degradation") and not self.tiny and not self.data:
+                    left.append(task.key)  # no CIFAR-10 here yet
+                    self.invocation["not_started"].append(task.key)
+                    continue
                 remaining = self.deadline - self.margin_s - time.time()
                 if self.stop_signal or remaining < task.min_s:
                     left.append(task.key)
                     self.invocation["not_started"].append(task.key)
-                    continue
-                if task.part in ("e2e", "degradation") and not self.tiny and not self.data:
-                    self.results["tasks"][task.key] = {"code": None, "skipped": "no CIFAR-10 .npz (--data)"}
-                    left.append(task.key)
                     continue
                 print(f"[{task.key}] starting ({remaining:.0f} s of budget left)", flush=True)
                 record = task.run(task, self.deadline - self.margin_s)
@@ -419,8 +436,8 @@ class Suite:
         self.results["tiny"] = self.tiny
         self.results["bench"] = bench_table(self.results["tasks"], TINY_BENCHES if self.tiny else BENCHES)
         self.results["e2e"] = e2e_table(self.results["tasks"], self.results["bench"])
-        self.results["degradation"] = self.degradation_summary() if "degradation" in parts else \
-            self.results.get("degradation")
+        if "degradation" in parts and (self.tiny or self.data):
+            self.results["degradation"] = self.degradation_summary()
         self.results["left"] = left
         self.save()
         write_summary(os.path.join(self.out, "summary.md"), self.results)
@@ -434,7 +451,7 @@ class Suite:
             workdir = os.path.join(self.out, "degradation", run.name)
             if record and os.path.isdir(workdir):
                 rows.append({k: v for k, v in runs.result_row(run, record, workdir).items() if k != "curves"}
-                            | {"done": record.get("code") == 0})
+                            | {"done": record.get("code") == 0, "checkpoint_step": record.get("checkpoint_step")})
         if not rows:
             return None
         planned = len(self.degradation_runs())
@@ -550,7 +567,8 @@ def write_summary(path: str, results: dict) -> None:
         out += ["| run | steps | train error % | " + " | ".join(f"{s} error %" for s in splits) + " | min | command |",
                 "|" + "---|" * (5 + len(splits))]
         for r in degradation["rows"]:
-            cells = [r["name"], f"{r['steps']}/{r['total_steps']}" + ("" if r["done"] else " (stopped; resumes)"),
+            cells = [r["name"], f"{r['steps']}/{r['total_steps']}" if r["done"] else
+                     f"stopped; checkpoint at step {r['checkpoint_step'] or 0} of {r['total_steps']} (resumes)",
                      runs.pct(r["train_error"])] + [runs.pct(r.get(f"{s}_error")) for s in splits]
             out.append("| " + " | ".join(cells + [f"{r.get('minutes') or 0:.1f}", f"`{r['command']}`"]) + " |")
         out += ["", *(degradation["findings"] or ["- Findings once all four runs have finished."])]
@@ -588,14 +606,14 @@ def run(argv: Sequence[str]) -> int:
         if FLAGS.data and not os.path.isfile(data):
             raise UserError(f"--data: file not found: {data}")
         data = data or _first_file(DATA_PATHS)
-        if not data:
-            raise UserError(f"e2e and degradation need CIFAR-10 as an .npz: --data=PATH (looked in "
-                            f"{', '.join(DATA_PATHS)}), or --parts=bench")
+        if not data:  # the device machine before all four parts arrived: bench alone still runs
+            print(f"note: no CIFAR-10 .npz (looked in {', '.join(DATA_PATHS)}; --data=PATH): e2e and "
+                  "degradation are left for later", flush=True)
     out = os.path.abspath(os.path.expanduser(FLAGS.out))
-    runs.check_experiment(out, {"experiment": "device_suite", "tiny": FLAGS.tiny, "data": data})
+    # The data path is not part of the identity: the same folder continues on another machine.
+    runs.check_experiment(out, {"experiment": "device_suite", "tiny": FLAGS.tiny})
     suite = Suite(out, FLAGS.tiny, FLAGS.budget_s, os.path.abspath(reference) if reference else "", data, argv)
-    if suite.tiny or "e2e" in parts:
-        suite.dispatch_values()  # a bad --e2e_dispatch fails before anything runs
+    suite.dispatch_values(), suite.benches()  # a bad --e2e_dispatch or --bench fails before anything runs
     left = suite.run(parts)
     suite.finish(parts, left)
     print(f"wrote {out}/results.json and {out}/summary.md ({time.time() - suite.start:.0f} s)", flush=True)

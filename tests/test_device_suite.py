@@ -66,7 +66,7 @@ def test_tiny_writes_every_part_with_positive_rates(tiny):
     assert e2e["evaluations"] == [8, 16] and e2e["steps_per_dispatch"] == 1
     rows = results["degradation"]["rows"]
     assert [r["name"] for r in rows] == ["plain8_seed0", "resnet8_seed0"]
-    assert all(r["done"] and r["steps"] == 8 and 0 <= r["test_error"] <= 1 for r in rows)
+    assert all(r["done"] and r["steps"] == 8 and r["checkpoint_step"] == 8 and 0 <= r["test_error"] <= 1 for r in rows)
     assert all(r["command"].startswith("python -m resnet_jax.main --config=configs/cifar.py:") for r in rows)
     assert results["degradation"]["findings"]  # the plain-vs-ResNet comparison was written
     # keep_checkpoints=1: the latest, plus the best where that is another, so workdirs stay
