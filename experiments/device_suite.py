@@ -359,25 +359,10 @@ class Suite:
         return tasks
 
     def benches(self) -> tuple[Bench, ...]:
-        if self.tiny:
-            return TINY_BENCHES
-        if not FLAGS.bench:
-            return BENCHES
-        known = {b.key: b for b in BENCHES}
-        unknown = [k for k in FLAGS.bench if k not in known]
-        if unknown:
-            raise UserError(f"--bench: unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
-        return tuple(known[k] for k in FLAGS.bench)
+        return selected_benches(self.tiny)
 
     def dispatch_values(self) -> list[int]:
-        if self.tiny:
-            return [1]
-        values = []
-        for item in FLAGS.e2e_dispatch:
-            if not item.strip().isdigit() or int(item) < 1 or E2E_LOG_EVERY % int(item):
-                raise UserError(f"--e2e_dispatch: {item!r} does not divide {E2E_LOG_EVERY} (the log period)")
-            values.append(int(item))
-        return values
+        return dispatch_values(self.tiny)
 
     def is_done(self, task: Task) -> bool:
         record = self.results["tasks"].get(task.key)
@@ -457,6 +442,31 @@ class Suite:
         planned = len(self.degradation_runs())
         complete = len(rows) == planned and all(r["done"] for r in rows)
         return {"rows": rows, "findings": degradation.findings(rows, rows[0]["headline_split"]) if complete else []}
+
+
+def selected_benches(tiny: bool) -> tuple[Bench, ...]:
+    """--bench's configurations (all by default; --tiny: the tiny one)."""
+    if tiny:
+        return TINY_BENCHES
+    if not FLAGS.bench:
+        return BENCHES
+    known = {b.key: b for b in BENCHES}
+    unknown = [k for k in FLAGS.bench if k not in known]
+    if unknown:
+        raise UserError(f"--bench: unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
+    return tuple(known[k] for k in FLAGS.bench)
+
+
+def dispatch_values(tiny: bool) -> list[int]:
+    """--e2e_dispatch as numbers (each a divisor of the e2e log period)."""
+    if tiny:
+        return [1]
+    values = []
+    for item in FLAGS.e2e_dispatch:
+        if not item.strip().isdigit() or int(item) < 1 or E2E_LOG_EVERY % int(item):
+            raise UserError(f"--e2e_dispatch: {item!r} does not divide {E2E_LOG_EVERY} (the log period)")
+        values.append(int(item))
+    return values
 
 
 # ---------------------------------------------------------------------------------------
@@ -609,11 +619,11 @@ def run(argv: Sequence[str]) -> int:
         if not data:  # the device machine before all four parts arrived: bench alone still runs
             print(f"note: no CIFAR-10 .npz (looked in {', '.join(DATA_PATHS)}; --data=PATH): e2e and "
                   "degradation are left for later", flush=True)
+    selected_benches(FLAGS.tiny), dispatch_values(FLAGS.tiny)  # bad --bench / --e2e_dispatch: before anything
     out = os.path.abspath(os.path.expanduser(FLAGS.out))
     # The data path is not part of the identity: the same folder continues on another machine.
     runs.check_experiment(out, {"experiment": "device_suite", "tiny": FLAGS.tiny})
     suite = Suite(out, FLAGS.tiny, FLAGS.budget_s, os.path.abspath(reference) if reference else "", data, argv)
-    suite.dispatch_values(), suite.benches()  # a bad --e2e_dispatch or --bench fails before anything runs
     left = suite.run(parts)
     suite.finish(parts, left)
     print(f"wrote {out}/results.json and {out}/summary.md ({time.time() - suite.start:.0f} s)", flush=True)
