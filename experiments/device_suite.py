@@ -538,7 +538,7 @@ def write_summary(path: str, results: dict) -> None:
            f"- Reference: `{results.get('reference', {}).get('path')}` run by the suite in the same invocation "
            "(torchvision rows only where torch sees a GPU)", ""]
     out += ["## Synthetic train step (bf16)", "",
-            "ms/step: median of 3 rounds of back-to-back steps (reference: mean of its 30 steps). Ratio = "
+            "ms/step: median of 3 rounds of back-to-back steps (reference: the mean over its timed steps). Ratio = "
             "resnet_jax img/s / reference img/s (> 1: resnet_jax faster). Reference MFU uses resnet_jax's FLOP "
             "count of the same net.", "",
             "| model | batch | px | resnet_jax ms/step | img/s | MFU | compile s | Flax ref img/s | ratio | "
