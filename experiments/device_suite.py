@@ -173,11 +173,10 @@ class Suite:
         return {"code": code, "seconds": time.time() - start, "stopped": stopped, "log": os.path.relpath(path, self.out)}
 
     def _forward(self, signum, _frame) -> None:
-        """SIGTERM/SIGINT to the suite: its running child gets it too (a training run then
-        checkpoints), and nothing new starts."""
+        """SIGTERM/SIGINT to the suite: `spawn` passes one SIGTERM to the running child (a
+        training run then checkpoints; a second would make it exit at once), and nothing new
+        starts."""
         self.stop_signal = signal.Signals(signum).name
-        if self.child is not None:
-            self.child.send_signal(signal.SIGTERM)
 
     # -----------------------------------------------------------------------------------
     # The machine.
@@ -296,6 +295,10 @@ class Suite:
             arrivals.extend((now, json.loads(line)) for line in complete.splitlines() if line.strip())
 
         record = self.train_run(run, workdir, key, deadline, watch)
+        if record.get("code") == 0:  # measured: its checkpoints would only weigh on the way back
+            import shutil
+
+            shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
         train = [(t, r) for t, r in arrivals if r.get("split") == "train"]
         # The first record of each evaluation: from the end of the first epoch's (every
         # program compiled by then) to the end of the last's, so each epoch in the window

@@ -64,6 +64,7 @@ def test_tiny_writes_every_part_with_positive_rates(tiny):
     (e2e,) = results["e2e"]
     assert e2e["wall_images_per_sec"] > 0 and e2e["logged_images_per_sec"] > 0 and e2e["launch_to_first_log_s"] > 0
     assert e2e["evaluations"] == [8, 16] and e2e["steps_per_dispatch"] == 1
+    assert not (out / "e2e" / "spd1" / "checkpoints").exists()  # measured: nothing to carry back
     rows = results["degradation"]["rows"]
     assert [r["name"] for r in rows] == ["plain8_seed0", "resnet8_seed0"]
     assert all(r["done"] and r["steps"] == 8 and r["checkpoint_step"] == 8 and 0 <= r["test_error"] <= 1 for r in rows)
@@ -96,6 +97,28 @@ def test_the_budget_stops_a_training_child_with_sigterm(tmp_path):
     record = suite.spawn([sys.executable, str(child)], "training", start + suite.grace_s + 1.5, training=True)
     assert record["code"] == 3 and record["stopped"] and record["seconds"] < 10
     assert "checkpoint written" in (tmp_path / record["log"]).read_text()
+    # SIGTERM to the suite itself: the child gets exactly one (a second makes resnet_jax.main
+    # exit without its checkpoint), and it is reported as stopped.
+    counting = tmp_path / "counting.py"
+    counting.write_text(textwrap.dedent("""
+        import signal, sys, time
+        seen = []
+        def handle(*_):
+            seen.append(1)
+            print(f"SIGTERM {len(seen)}", flush=True)
+        signal.signal(signal.SIGTERM, handle)
+        while not seen:
+            time.sleep(0.01)
+        time.sleep(0.5)  # writing the checkpoint
+        sys.exit(3)
+    """))
+    import threading
+
+    threading.Timer(1.0, suite._forward, (signal.SIGTERM, None)).start()
+    record = suite.spawn([sys.executable, str(counting)], "suite_stopped", time.time() + 60, training=True)
+    log = (tmp_path / record["log"]).read_text()
+    assert record["code"] == 3 and record["stopped"] and "SIGTERM 1" in log and "SIGTERM 2" not in log
+    suite.stop_signal = None
     stubborn = tmp_path / "stubborn.py"
     stubborn.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n")
     record = suite.spawn([sys.executable, str(stubborn)], "bench", time.time() + 1.0)
