@@ -96,6 +96,7 @@ def test_validate_accepts_the_edges():
 
 def test_steps_per_dispatch_auto():
     assert config_lib.steps_per_dispatch(3, "gpu") == config_lib.steps_per_dispatch(3, "cpu") == 3
+    assert config_lib.steps_per_dispatch(1, "gpu") == 1  # an explicit 1 is kept
     assert config_lib.steps_per_dispatch(0, "cpu") == 1  # XLA:CPU runs scanned steps slower
     assert config_lib.steps_per_dispatch(0, "gpu") == config_lib.steps_per_dispatch(0, "tpu") == \
         config_lib.AUTO_ACCELERATOR_STEPS_PER_DISPATCH > 1

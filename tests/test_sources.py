@@ -74,12 +74,14 @@ def test_validated_accepts_and_converts():
     (np.zeros((4, 2), np.uint8), np.zeros(4), {}, "x has shape [4, 2]"),
     (np.zeros((4, 3, 8, 8), np.uint8), np.zeros(4), {}, "x looks channels-first [4, 3, 8, 8]; store [N, H, W, C]"),
     (np.zeros((4, 1, 8, 8), np.uint8), np.zeros(4), {}, "looks channels-first"),
+    (np.zeros((4, 3, 8, 4), np.uint8), np.zeros(4), {}, "x looks channels-first [4, 3, 8, 4]"),
     (np.zeros((4, 2, 2, 3), np.float32), np.zeros(4), {}, "x holds float32 images; store uint8 pixels 0..255, or set "
                                                           "--config.data.float_image_max=1.0"),
     (np.full((4, 2, 2, 3), 256, np.int32), np.zeros(4), {}, "x holds int32 values outside 0..255; store uint8 pixels"),
     (np.full((4, 2, 2, 3), -1, np.int16), np.zeros(4), {}, "x holds int16 values outside 0..255"),
     (np.zeros((4, 2, 2, 3), bool), np.zeros(4), {}, "x holds bool values outside 0..255"),
-    (np.zeros((4, 2, 2, 3), np.uint8), np.zeros((4, 10)), {}, "y has shape [4, 10] (one-hot?); store class indices [N]"),
+    (np.zeros((4, 2, 2, 3), np.uint8), np.zeros((4, 10)), {}, "y has shape [4, 10] (one-hot?); store class indices [N] "
+                                                              "(numpy: y.argmax(1))"),
     (np.zeros((4, 2, 2, 3), np.uint8), np.zeros(4, np.float32), {}, "y holds float32 values; store integer class indices"),
     (np.zeros((4, 2, 2, 3), np.uint8), np.zeros(5, np.int32), {}, "x has 4 images but y has 5 labels"),
     (np.zeros((4, 2, 2, 3), np.uint8), np.array([0, 1, 10, 2]), {}, "y holds label 10, outside [0, 10) of "
@@ -93,6 +95,18 @@ def test_validated_refuses(images, labels, overrides, message):
     assert message in str(raised.value)
 
 
+def test_default_array_names_in_messages():
+    with pytest.raises(UserError, match=r"^images has shape \[4, 2\]"):
+        sources.validated(np.zeros((4, 2), np.uint8), np.zeros(4), _data())
+    with pytest.raises(UserError, match=r"^labels has shape \[4, 10\]"):
+        sources.validated(np.zeros((4, 2, 2, 3), np.uint8), np.zeros((4, 10)), _data())
+
+
+def test_float_images_scale_to_255():
+    out = sources.validated(np.full((1, 1, 1, 1), 0.6, np.float32), np.zeros(1, np.int32), _data(float_image_max=1.0))
+    assert out.images.item() == 153  # 0.6 * 255
+
+
 def test_check_consistent():
     data = _data(image_size=2)
     train = _arrays(10)
@@ -101,7 +115,9 @@ def test_check_consistent():
                                         r"--config.data.image_size=2"):
         sources.check_consistent(_data(image_size=8), train, {})
     with pytest.raises(UserError, match="the training images are 2x3, not square"):
-        sources.check_consistent(data, Arrays(np.zeros((2, 2, 3, 3), np.uint8), np.zeros(2, np.int32)), {})
+        sources.check_consistent(data, Arrays(np.zeros((2, 2, 3, 1), np.uint8), np.zeros(2, np.int32)), {})
+    with pytest.raises(UserError, match="the training images are 3x2, not square"):  # width right, height wrong
+        sources.check_consistent(data, Arrays(np.zeros((2, 3, 2, 3), np.uint8), np.zeros(2, np.int32)), {})
     with pytest.raises(UserError, match=r"eval split 'test' has images of shape \[2, 2, 1\], the training images "
                                         r"\[2, 2, 3\]"):
         sources.check_consistent(data, train, {"test": Arrays(np.zeros((4, 2, 2, 1), np.uint8), np.zeros(4))})

@@ -1,0 +1,77 @@
+"""resnet_jax.optim beyond tests/test_train.py's schedule checks (issue 19: mutation
+survivors): boundaries in epochs and steps, warm-up in epochs, the cosine and cyclical
+floors, which parameters are decayed, momentum, Nesterov and Adam."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar
+from resnet_jax import optim
+
+
+def _optim(**fields):
+    config = cifar.get_config("resnet20").optim
+    config.update(fields)
+    return config
+
+
+@pytest.mark.parametrize("unit,boundaries,steps_per_epoch,drops_at", [
+    ("epochs", (3, 6), 10, (30, 60)), ("steps", (25, 70), 10, (25, 70)), ("fraction", (0.5, 0.75), 10, (50, 75)),
+])
+def test_multistep_boundary_units(unit, boundaries, steps_per_epoch, drops_at):
+    schedule = optim.make_schedule(_optim(boundaries_unit=unit, boundaries=boundaries), steps_per_epoch, 100)
+    first, second = drops_at
+    for step, lr in ((first - 1, 0.1), (first, 0.01), (second - 1, 0.01), (second, 0.001)):
+        assert float(schedule(step)) == pytest.approx(lr), (unit, step)
+
+
+def test_warmup_in_epochs():
+    config = _optim(schedule="cosine", warmup_epochs=2.0, warmup="linear", warmup_lr=0.0)
+    schedule = optim.make_schedule(config, 10, 120)
+    assert float(schedule(10)) == pytest.approx(0.05)  # halfway through 20 warm-up steps
+    assert float(schedule(20)) == pytest.approx(0.1)
+    assert float(schedule(70)) == pytest.approx(0.05)  # cosine over the 100 steps after warm-up
+
+
+def test_cosine_and_triangular_floors():
+    cosine = optim.make_schedule(_optim(schedule="cosine", min_lr=0.02), 10, 100)
+    assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(100)) == pytest.approx(0.02)
+    assert float(cosine(50)) == pytest.approx(0.06)
+    triangular = optim.make_schedule(_optim(schedule="triangular", min_lr=0.02, cycle_steps=40), 10, 100)
+    for step, lr in ((0, 0.02), (10, 0.06), (20, 0.1), (30, 0.06), (40, 0.02)):
+        assert float(triangular(step)) == pytest.approx(lr), step
+
+
+def test_decay_mask_decays_kernels_of_any_rank():
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}, "conv": {"kernel": jnp.ones((3, 3, 1, 2))}}
+    assert optim.decay_mask(params, False) == {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": True}}
+    config = _optim(decay_bn_and_bias=True, weight_decay=0.5, momentum=0.0, lr=1.0)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 1, 10))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(updates["dense"]["bias"][0]) == pytest.approx(-0.5)  # decayed too when asked
+
+
+def _two_updates(**fields):
+    config = _optim(weight_decay=0.0, schedule="constant", lr=0.1, **fields)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 1, 10))
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads, state, params)
+    return np.asarray(first["w"]), np.asarray(second["w"]), np.asarray(grads["w"])
+
+
+def test_momentum_nesterov_and_adam():
+    first, second, g = _two_updates(momentum=0.9)
+    np.testing.assert_allclose(first, -0.1 * g, rtol=1e-6)
+    np.testing.assert_allclose(second, -0.1 * 1.9 * g, rtol=1e-6)  # trace = g + 0.9 g
+    first, second, g = _two_updates(momentum=0.9, nesterov=True)
+    np.testing.assert_allclose(first, -0.1 * 1.9 * g, rtol=1e-6)  # g + 0.9 * trace
+    np.testing.assert_allclose(second, -0.1 * (g + 0.9 * 1.9 * g), rtol=1e-6)
+    first, second, g = _two_updates(momentum=0.0)
+    np.testing.assert_allclose(second, -0.1 * g, rtol=1e-6)  # plain SGD
+    first, _, g = _two_updates(name="adam")
+    np.testing.assert_allclose(first, -0.1 * np.sign(g), rtol=1e-4)  # Adam's first step: lr * sign
