@@ -125,6 +125,7 @@ class Suite:
         self.results.setdefault("invocations", [])
         self.invocation = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "command": runs.command_line("experiments.device_suite", argv), "budget_s": budget_s,
+                           "parts": [],
                            "finished": [], "stopped": [], "not_started": []}
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
@@ -419,6 +420,7 @@ class Suite:
 
     def finish(self, parts: Sequence[str], left: list[str]) -> None:
         self.invocation["seconds"] = time.time() - self.start
+        self.invocation["parts"] = list(parts)
         self.invocation["left"] = left
         self.results["invocations"].append(self.invocation)
         self.results["tiny"] = self.tiny
@@ -588,8 +590,12 @@ def write_summary(path: str, results: dict) -> None:
     else:
         out.append("not yet measured")
     left = results.get("left") or []
+    asked = last.get("parts") or list(PARTS)
+    others = [p for p in PARTS if p not in asked]
+    done = (f"Nothing of the parts asked ({', '.join(asked)})" + (f"; not asked: {', '.join(others)}" if others else
+                                                                 ": every part finished") + ".")
     out += ["", "## Left", "", ("- " + "\n- ".join(left) + f"\n\nRun the same command again to continue: "
-                                f"`{last['command']}`") if left else "Nothing: every part finished.", ""]
+                                f"`{last['command']}`") if left else done, ""]
     with open(path, "w") as f:
         f.write("\n".join(out))
 
