@@ -115,6 +115,8 @@ def test_steps_in_steps_or_epochs():
     assert isinstance(config_lib.steps(7.0, 0, 3), int)
     with pytest.raises(UserError, match=r"train.total_steps=1000 and train.total_epochs=2.5 are both set"):
         config_lib.steps(1000, 2.5, 390)
+    with pytest.raises(UserError, match=r"train.total_steps=1 and train.total_epochs=0.5 are both set"):
+        config_lib.steps(1, 0.5, 390)
 
 
 @pytest.mark.parametrize("overrides,steps_per_epoch,total", [
@@ -163,3 +165,35 @@ def test_defaults_are_the_paper_recipe():
         ((0.5, 0.75), 0.1, "multistep")
     assert (config.data.crop_padding, config.data.flip, config.data.normalization) == (4, True, "per_pixel_mean")
     assert config.overwrite is False and config.parallel.backend == "shard_map"
+
+
+# Every default, as users get it when they override nothing (and as config.json records it).
+# A change here is a change of behaviour for every recipe that does not set the field: make
+# it deliberately, and update this table with it.
+DEFAULTS = {
+    "data": {"crop_padding": 4, "data_dir": "", "eval_resize": 256, "eval_splits": "test=test", "flip": True,
+             "float_image_max": 0.0, "image_size": 32, "name": "cifar10", "normalization": "per_pixel_mean",
+             "num_classes": 10, "path": "", "pipeline": "device", "shuffle_buffer": 0, "source": "tfds",
+             "synthetic_examples": 2048, "train_split": "train", "workers": 0},
+    "model": {"bn_sync": True, "bottleneck_stride": "v1.5", "dropout_rate": 0.0, "dtype": "float32", "family": "",
+              "name": "resnet20", "shortcut": "A", "zero_init_residual": False},
+    "optim": {"boundaries": (0.5, 0.75), "boundaries_unit": "fraction", "cycle_steps": 2000, "decay_bn_and_bias": True,
+              "decay_factor": 0.1, "lr": 0.1, "min_lr": 0.0, "momentum": 0.9, "name": "sgd", "nesterov": False,
+              "schedule": "multistep", "step_every_epochs": 30, "warmup": "linear", "warmup_epochs": 0.0,
+              "warmup_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4},
+    "overwrite": False,
+    "parallel": {"backend": "shard_map"},
+    "train": {"batch_size": 128, "checkpoint_every": 1000, "early_stopping_patience": 0, "early_stopping_split": "",
+              "eval_batch_size": 1000, "eval_every": 0, "init_from": "", "keep_checkpoints": 3, "log_every": 100,
+              "progress": True, "seed": 0, "steps_per_dispatch": 0, "total_epochs": 0.0, "total_steps": 64000},
+}
+
+
+def test_every_default():
+    actual = config_lib.default_config().to_dict()
+    assert actual == DEFAULTS
+
+    def types(tree):
+        return {k: types(v) if isinstance(v, dict) else type(v) for k, v in tree.items()}
+
+    assert types(actual) == types(DEFAULTS)
