@@ -6,7 +6,7 @@
 #   scripts/mutation.sh            # all mutants; prints the survivors
 #   MUTMUT_CHILDREN=1 scripts/mutation.sh
 #
-# Needs `pip install mutmut==3.8.1` (not a project dependency; mutmut < 3.4 breaks on pytest 9).
+# Needs `pip install mutmut==3.8.1` (not a project dependency; mutmut 3.3 and 3.4 break on pytest 9).
 # About 1,400 mutants, 15-25 minutes on 2 shared cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
