@@ -109,7 +109,9 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
 
 
 def eval_step(state: TrainState, batch: dict, *, model) -> dict:
-    """Sums over the global batch of loss and top-1/top-5 hits, padding masked out."""
+    """Sums over this device's part of the batch of loss and top-1/top-5 hits, padding
+    masked out. The pipeline adds them up over batches and then over devices (one psum per
+    evaluation rather than one per batch)."""
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
     mask = batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -119,7 +121,7 @@ def eval_step(state: TrainState, batch: dict, *, model) -> dict:
         "top5": jnp.sum(metrics_lib.topk_correct(logits, batch["label"], 5) * mask),
         "examples": jnp.sum(mask),
     }
-    return jax.lax.psum(sums, AXIS)
+    return sums
 
 
 def zero_accumulator(metrics: dict) -> dict:

@@ -66,8 +66,6 @@ def test_several_eval_splits_and_the_early_stopping_split(trained):
     assert result["train"]["error"] == pytest.approx(by_split["train"][-1]["error"])
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate does not check train.early_stopping_split against "
-                   "data.eval_splits: a misspelt name trains until the first evaluation, then a KeyError")
 def test_early_stopping_split_must_be_an_eval_split():
     config = tiny_config(**{"train.early_stopping_split": "val"})
     with pytest.raises(UserError, match="early_stopping_split"):

@@ -7,8 +7,8 @@
     data.get_state() / data.set_state(saved)     # where the input stands (for checkpoints)
 
 `train_step(state, batch, acc) -> (state, acc)` takes this device's part of a batch
-{"image", "label", "mask"} and `eval_step(state, batch) -> sums` returns summed metrics over
-the devices. The trainer never asks which pipeline it has.
+{"image", "label", "mask"} and `eval_step(state, batch) -> sums` returns this device's sums;
+the pipeline adds them over batches, then over devices. The trainer never asks which pipeline it has.
 """
 
 import functools
@@ -160,7 +160,8 @@ class DevicePipeline(_Pipeline):
 
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
                 self._eval_step, state, device.eval_batch(eval_data, 0, self.per_device_eval_batch, device_index)))
-            return jax.lax.fori_loop(0, eval_data.labels.shape[0] // eval_batch, body, zeros)
+            local = jax.lax.fori_loop(0, eval_data.labels.shape[0] // eval_batch, body, zeros)
+            return jax.lax.psum(local, AXIS)  # once, outside the loop
 
         return self.parallel.wrap(evaluate, (None, None), None)
 
@@ -196,7 +197,8 @@ class StreamPipeline(_Pipeline):
 
     def bind(self, train_step: Callable, eval_step: Callable) -> None:
         self._step = self.parallel.wrap(train_step, (None, 0, None), (None, None), donate_argnums=(0, 2))
-        self._eval = self.parallel.wrap(eval_step, (None, 0), None)
+        self._eval = self.parallel.wrap(lambda state, batch: jax.lax.psum(eval_step(state, batch), AXIS),
+                                        (None, 0), None)
         self._iterator = self._make(self.config.data.train_split, True, self.config.train.batch_size)
 
     def train(self, state, acc, num_steps: int, step: int):
