@@ -190,8 +190,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise UserError("data.pipeline=stream reads TFDS datasets; use data.pipeline=device for "
                         f"data.source={data.source}")
     eval_names = parse_splits(data.eval_splits)
-    if not eval_names:
-        raise UserError("data.eval_splits names no split; give at least one, e.g. test=test")
     if train.early_stopping_split and train.early_stopping_split not in eval_names:
         raise UserError(f"train.early_stopping_split={train.early_stopping_split!r} is not one of data.eval_splits "
                         f"({', '.join(eval_names)})")

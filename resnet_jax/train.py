@@ -331,7 +331,7 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
         saved = {k: v for k, v in meta.items() if k != "restored"}
         checkpoints.save(step, parallel.to_global(state), dict(saved, step=step), error)
 
-    if evaluate_first and step < total:
+    if evaluate_first and step < total and watched is not None:
         error, new_best = evaluate(step)
         if new_best and step not in checkpoints.steps():  # an imported run has its step 0 already
             save(step, error)
@@ -342,6 +342,7 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
             step += num_steps
             reporter.advance_to(step)
             is_log, is_eval, is_checkpoint = (_is_time(step, every, total) for every in periods)
+            is_eval = is_eval and watched is not None  # data.eval_splits may name none
             if not (is_log or is_eval or is_checkpoint or interrupt.signal):
                 continue
             sums = parallel.unreplicate(acc)  # the only host synchronisation
@@ -367,6 +368,6 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
             if interrupt.signal:
                 raise Preempted(f"{interrupt.signal} at step {step}: checkpoint saved in "
                                 f"{checkpoints.directory}; run the same command again to resume")
-    if not results:  # resumed a finished run: evaluate what is there
+    if not results and watched is not None:  # resumed a finished run: evaluate what is there
         results = data.evaluate(state)
     return {"results": results, "step": step}

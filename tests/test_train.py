@@ -309,3 +309,11 @@ def test_steps_per_dispatch_auto_is_one_on_cpu_and_scans_on_accelerators():
     assert config_lib.steps_per_dispatch(5, "cpu") == config_lib.steps_per_dispatch(5, "gpu") == 5
     trainer = train.Trainer(tiny_config(**{"train.steps_per_dispatch": 0}), __import__("resnet_jax.parallel").parallel.Parallel())
     assert trainer.steps_per_dispatch == 1  # these tests run on CPU
+
+
+def test_a_run_without_eval_splits_trains_and_checkpoints(tmp_path):
+    result = train.train_and_evaluate(tiny_config(**{"data.eval_splits": "", "train.total_steps": 4,
+                                                     "train.checkpoint_every": 2}), str(tmp_path))
+    assert result["step"] == 4 and result["best"] == {"step": None, "error": None}
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert {r["split"] for r in read_jsonl(tmp_path / "metrics.jsonl")} == {"train"}
