@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax.errors import USER_ERROR_EXIT, UserError
+from resnet_jax.errors import UserError
 
 CHECKPOINTS = ("latest", "best")
 CHECK_FAILED_EXIT = 1  # sanity: a check failed (distinct from a user error, exit 2)
@@ -79,13 +79,11 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
       UserError: no such run, no checkpoint, an unreadable one, or a streamed dataset (the
         analyses hold their examples in memory).
     """
-    # Trainer internals used by the analyses: all of them are here.
-    from resnet_jax import optim
+    # What the analyses need of a run: all of it is here.
     from resnet_jax.checkpoint import Checkpoints, abstract_like
-    from resnet_jax.data import device as device_data
     from resnet_jax.data import sources
     from resnet_jax.evaluate import load_config
-    from resnet_jax.train import build_model, create_train_state
+    from resnet_jax.train import abstract_variables, build_model
 
     workdir = os.path.expanduser(workdir)
     config = load_config(workdir)  # UserError for a missing workdir or config.json
@@ -100,27 +98,27 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
     if isinstance(which, int) and which not in steps:
         raise UserError(f"no checkpoint at step {which} in {directory}; have {steps}")
 
-    train_arrays = sources.load_split(config.data, config.data.train_split)
-    mean, std = device_data.normalization_stats(config.data, train_arrays)
     model = build_model(config)
-    # The saved layout is the trainer's TrainState; its optimiser state's *structure* does not
-    # depend on the schedule's values, so any steps_per_epoch builds the same template.
-    tx = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, 1, config.train.total_steps))
-    template = jax.eval_shape(lambda: create_train_state(
-        model, tx, config.train.seed, tuple(train_arrays.images.shape[1:])))
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
                                           jax.sharding.PartitionSpec())
     checkpoints = Checkpoints(workdir)
     try:
         # An explicit step: a read-only analysis must never set aside a run's checkpoints.
-        state, meta, step = checkpoints.restore(abstract_like(template, sharding),
-                                                which if isinstance(which, int) else steps[-1])
-        best = meta.get("best_step") if isinstance(meta, dict) else None
-        if which == "best" and best is not None and int(best) != step and int(best) in steps:
-            state, meta, step = checkpoints.restore(abstract_like(template, sharding), int(best))
+        target = which if isinstance(which, int) else steps[-1]
+        meta = checkpoints.read_meta(target) or {}
+        best = meta.get("best_step")
+        if which == "best" and best is not None and int(best) in steps:
+            target, meta = int(best), checkpoints.read_meta(int(best)) or meta
+        if "normalization" not in meta:
+            raise UserError(f"checkpoint {target} in {directory} carries no normalisation statistics (written by "
+                            "an older resnet_jax); train the run again")
+        abstract = abstract_variables(config, tuple(meta["image_shape"]))
+        variables, meta, step = checkpoints.restore_variables(abstract_like(abstract, sharding), target)
     finally:
         checkpoints.close()
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables = jax.device_get(variables)
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    train_arrays = sources.load_split(config.data, config.data.train_split)
 
     def load(spec: str) -> tuple[np.ndarray, np.ndarray]:
         if spec == config.data.train_split:
@@ -193,48 +191,21 @@ def loss_and_error(model: Any, variables: dict, inputs: jax.Array, labels: jax.A
 # Command line.
 
 
-def fail(message: str, code: int = USER_ERROR_EXIT) -> None:
-    """One `error:` line on stderr and exit; os._exit, as resnet_jax.main's `fail`, so no
-    library thread prints after it."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
-
-
 def parse_flags(flag_values, argv: list[str], doc: str) -> list[str]:
-    """Parses `argv` into `flag_values`; `-h`/`--help` prints `doc` and the flags, exit 0.
+    """resnet_jax.cli's parsing: `-h`/`--help` prints `doc` and the flags (exit 0), config
+    names resolve from anywhere, bad flags are one UserError line."""
+    from resnet_jax import cli as cli_lib
 
-    Raises:
-      UserError: an unknown flag or a bad value, as one line.
-    """
-    if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
-        print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False).rstrip())
-        sys.stdout.flush()
-        sys.exit(0)
-    flag_values.unparse_flags()  # a second call in one process starts from the defaults again
-    # ml_collections' config flags read their --config.x=y overrides from sys.argv itself.
-    saved, sys.argv = sys.argv, list(argv)
-    try:
-        rest = flag_values(argv)
-        for name in flag_values:  # config files load lazily, on first use: load them here
-            hasattr(getattr(flag_values, name), "to_dict")
-    except Exception as error:  # absl's flags errors, or a config file that does not load
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise UserError(f"bad flags: {lines[-1] if lines else type(error).__name__}") from None
-    finally:
-        sys.argv = saved
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
-    return rest
+    return cli_lib.parse_flags(flag_values, argv, doc)
 
 
 def cli(run: Callable[[list[str]], int], argv: list[str] | None = None) -> None:
-    """Runs a command's `run(argv) -> exit code`: a UserError is one line and exit 2."""
+    """Runs a command's `run(argv) -> exit code`; user errors are one line and exit 2."""
+    from resnet_jax import cli as cli_lib
+
     argv = list(sys.argv if argv is None else argv)
-    try:
+    with cli_lib.errors_exit():
         code = run(argv)
-    except UserError as error:
-        fail(str(error))
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
