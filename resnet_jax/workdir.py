@@ -97,19 +97,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -
       The held Lock (release it when the run ends).
 
     Raises:
-      UserError: nothing in the workdir was changed (but for creating it and its lock).
+      UserError: nothing on disk was changed (a workdir or lock file it created is removed).
     """
+    existed = os.path.isdir(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as error:
         raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
     lock = Lock(workdir)
-    if jax.process_index() == 0:
-        try:
-            lock.acquire()
-        except PermissionError as error:
-            raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
+    lock_existed = os.path.exists(lock.path)
     try:
+        if jax.process_index() == 0:
+            try:
+                lock.acquire()
+            except OSError as error:  # read-only file system, no permission, not a real directory
+                raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
         _check(config, workdir, state_bytes)
         if config.overwrite:
             for name in ("checkpoints", "corrupt_checkpoints", "tensorboard", "report"):
@@ -119,6 +121,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -
         write_config(config, workdir)
     except BaseException:
         lock.release()
+        # Refused: leave the disk as it was (no new lock file, no new empty workdir).
+        if not lock_existed and os.path.exists(lock.path):
+            os.remove(lock.path)
+        if not existed and os.path.isdir(workdir) and not os.listdir(workdir):
+            os.rmdir(workdir)
         raise
     return lock
 

@@ -249,8 +249,8 @@ def test_user_errors_come_before_anything_is_compiled_or_written(tmp_path):
     assert out["not writable"] == [f"workdir {locked} is not writable: Permission denied", []]
     assert os.listdir(locked) == []
     assert (other / "config.json").read_bytes() == config_before
-    assert sorted(os.listdir(other)) == [".lock", "config.json"]
-    assert sorted(os.listdir(tmp_path / "full")) == [".lock"]
+    assert sorted(os.listdir(other)) == ["config.json"]  # a refused run leaves no lock behind
+    assert not (tmp_path / "full").exists()  # nor the workdir it would have created
 
 
 # -- the benchmark's stream mode ---------------------------------------------------------------
