@@ -160,7 +160,8 @@ def run_or_skip(run: Run, workdir: str, log: Callable[[str], None] = print) -> d
     if failed:
         log(f"{run.name}: diverged earlier ({failed['failed']}); delete {failed_path} to retry")
         return failed
-    resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    saved = os.path.join(workdir, "checkpoints")
+    resuming = os.path.isdir(saved) and any(name.isdigit() for name in os.listdir(saved))
     log(f"{run.name}: {'resuming' if resuming else 'training'}: {run.command(workdir)}")
     start = time.time()
     import jax
