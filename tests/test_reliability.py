@@ -42,6 +42,23 @@ def straight(tmp_path_factory):
     return restore_state(workdir)[0]
 
 
+def test_a_second_run_into_a_busy_workdir_is_refused_touching_nothing(tmp_path):
+    """The same command started twice: the second exits 2 naming the first, which trains on."""
+    endless = {**LONG, "train.total_steps": 1_000_000}
+    proc = _start(tmp_path, endless)
+    try:
+        _wait_for(tmp_path / "checkpoints" / "10", proc)
+        config_written = os.stat(tmp_path / "config.json").st_mtime_ns
+        second = run_main(tmp_path, endless, check=False)
+        assert second.returncode == 2 and proc.poll() is None
+        assert second.stderr.strip() == (f"error: {tmp_path} is in use by process {proc.pid} on "
+                                         f"{socket.gethostname()}; wait for it to finish, stop it, or use another workdir")
+        assert os.stat(tmp_path / "config.json").st_mtime_ns == config_written
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_sigterm_checkpoints_and_resumes_bitwise(tmp_path, straight):
     proc = _start(tmp_path, LONG)
     _wait_for(tmp_path / "checkpoints" / "20", proc)
@@ -105,16 +122,8 @@ def test_signal_flag_second_signal_exits_with_its_code(first, second):
 
 
 def test_kill_9_then_same_command_resumes_bitwise(tmp_path, straight):
-    """Also the workdir lock: the same command started twice is refused while the first runs
-    (touching nothing), and the lock a killed run leaves is taken over with a warning."""
     proc = _start(tmp_path, LONG)
     _wait_for(tmp_path / "checkpoints" / "30", proc)
-    config_written = os.stat(tmp_path / "config.json").st_mtime_ns
-    second = run_main(tmp_path, LONG, check=False)
-    assert second.returncode == 2 and proc.poll() is None
-    assert second.stderr.strip() == (f"error: {tmp_path} is in use by process {proc.pid} on {socket.gethostname()}; "
-                                     "wait for it to finish, stop it, or use another workdir")
-    assert os.stat(tmp_path / "config.json").st_mtime_ns == config_written
     proc.kill()
     proc.communicate()
     resumed = run_main(tmp_path, LONG)
