@@ -21,7 +21,6 @@ import optax
 
 from resnet_jax.errors import UserError
 
-CHECKPOINTS = ("latest", "best")
 CHECK_FAILED_EXIT = 1  # sanity: a check failed (distinct from a user error, exit 2)
 
 
@@ -82,7 +81,7 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
     # What the analyses need of a run: all of it is here.
     from resnet_jax.checkpoint import Checkpoints, abstract_like
     from resnet_jax.data import sources
-    from resnet_jax.evaluate import load_config
+    from resnet_jax.evaluate import load_config, parse_checkpoint
     from resnet_jax.train import abstract_variables, build_model
 
     workdir = os.path.expanduser(workdir)
@@ -128,16 +127,6 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
 
     return Run(workdir, config, model, variables, int(step), np.asarray(mean, np.float32),
                np.asarray(std, np.float32), load)
-
-
-def parse_checkpoint(checkpoint: str | int) -> str | int:
-    """"latest", "best" or a step number (int); UserError otherwise."""
-    text = str(checkpoint).strip()
-    if text in CHECKPOINTS:
-        return text
-    if text.isdigit():
-        return int(text)
-    raise UserError(f"--checkpoint must be latest, best or a step number, got {checkpoint!r}")
 
 
 def subset(images: np.ndarray, labels: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ on the host (a log, an evaluation, a checkpoint), at absolute step numbers, so a
 replays the same chunks and ends bit for bit where an uninterrupted one would.
 """
 
+import functools
 import time
 from typing import Any
 
@@ -176,25 +177,33 @@ class Trainer:
     def evaluate_step(self, state: TrainState, batch: dict) -> dict:
         return eval_step(state, batch, model=self.eval_model)
 
-    def abstract_state(self) -> TrainState:
-        """The layout of `init_state()`, traced, not compiled."""
+    @functools.cached_property
+    def _abstract_state(self) -> TrainState:
         return jax.eval_shape(lambda: create_train_state(self.eval_model, self.tx, self.config.train.seed,
                                                          tuple(self.image_shape)))
+
+    def abstract_state(self) -> TrainState:
+        """The layout of `init_state()`, traced (once), not compiled."""
+        return self._abstract_state
 
     def init_state(self) -> TrainState:
         init = jax.jit(create_train_state, static_argnums=(0, 1, 2, 3))
         state = init(self.eval_model, self.tx, self.config.train.seed, tuple(self.image_shape))
         return self.parallel.replicate(jax.device_get(state))
 
-    def zero_accumulator(self):
-        """Zero sums of the metrics `train_step` returns (their names, traced once)."""
+    @functools.cached_property
+    def _metric_shapes(self) -> dict:
+        """The metrics `train_step` returns, traced once (not at every log)."""
         per_device = self.config.train.batch_size // self.parallel.num_devices
         batch = {"image": jax.ShapeDtypeStruct((1, per_device, *self.image_shape), jnp.float32),
                  "label": jax.ShapeDtypeStruct((1, per_device), jnp.int32)}
         step = lambda state, b: train_step(state, b, jax.random.PRNGKey(0), model=self.eval_model, tx=self.tx,
                                            bn_sync=True)[1]
-        metrics = jax.eval_shape(jax.vmap(step, in_axes=(None, 0), axis_name=AXIS), self.abstract_state(), batch)
-        return self.parallel.replicate(zero_accumulator(metrics))
+        return jax.eval_shape(jax.vmap(step, in_axes=(None, 0), axis_name=AXIS), self.abstract_state(), batch)
+
+    def zero_accumulator(self):
+        """Zero sums of the metrics `train_step` returns, on the devices."""
+        return self.parallel.replicate(zero_accumulator(self._metric_shapes))
 
     def chunk_length(self, step: int, next_event: int) -> int:
         """Whole chunks, then single steps up to the next event: two compiled variants."""
@@ -211,29 +220,27 @@ def _next_event(step: int, total: int, *periods: int) -> int:
     return min([total] + [(step // p + 1) * p for p in periods if p > 0])
 
 
-def _restore_or_init(trainer: Trainer, checkpoints: Checkpoints) -> tuple[TrainState, dict, list[str]]:
+def _restore_or_init(trainer: Trainer, checkpoints: Checkpoints) -> tuple[TrainState, dict, bool, list[str]]:
     """The latest good checkpoint, or a fresh state (from `train.init_from` if set); the
-    run's bookkeeping (meta["restored"]: whether a checkpoint was); and lines worth telling
-    the user."""
+    run's bookkeeping; whether a checkpoint was restored; and lines worth telling the user."""
     parallel = trainer.parallel
     meta = {"best_error": None, "best_step": None, "evals_since_best": 0, "stopped_early": None,
             "data_state": None}
     restored = checkpoints.restore(abstract_like(trainer.abstract_state(), parallel.replicated))
     if restored:
         global_state, saved_meta, _ = restored
-        return parallel.from_global(global_state), {**meta, **saved_meta, "restored": True}, []
+        return parallel.from_global(global_state), {**meta, **saved_meta}, True, []
     state, notes = trainer.init_state(), []
-    meta["restored"] = False
     if trainer.config.train.init_from:
         from resnet_jax import convert  # fine-tuning only
 
         host = parallel.unreplicate(state)
         params, batch_stats, loaded, fresh = convert.load_initial_weights(
             trainer.config.train.init_from, host.params, host.batch_stats)
-        notes.append(f"initialised from {trainer.config.train.init_from}: {len(loaded)} arrays "
-                                    f"loaded, {len(fresh)} fresh" + (f" ({', '.join(fresh)})" if fresh else ""))
+        notes.append(f"initialised from {trainer.config.train.init_from}: {len(loaded)} arrays loaded, "
+                     f"{len(fresh)} fresh" + (f" ({', '.join(fresh)})" if fresh else ""))
         state = parallel.replicate(host.replace(params=params, batch_stats=batch_stats))
-    return state, meta, notes
+    return state, meta, False, notes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -257,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints = reporter = None
     try:
         checkpoints = Checkpoints(workdir, train_cfg.keep_checkpoints)
-        state, meta, notes = _restore_or_init(trainer, checkpoints)
+        state, meta, restored, notes = _restore_or_init(trainer, checkpoints)
         data.set_state(meta["data_state"])
         step = int(parallel.unreplicate(state.step))
         meta["normalization"] = {"mean": np.asarray(data.normalization[0]).tolist(),
@@ -267,13 +274,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         reporter = Reporter(workdir, total, step, train_cfg.progress)
         reporter.print(f"{config.model.name} on {config.data.name} ({config.data.source}), {parallel.describe()}, "
                        f"global batch {train_cfg.batch_size}, {trainer.steps_per_epoch} steps/epoch, "
-                       + (f"resuming at step {step}" if meta["restored"] else
+                       + (f"resuming at step {step}" if restored else
                           f"from {config.train.init_from}" if config.train.init_from else "from scratch"))
         reporter.started(workdir, checkpoints.directory)
         for line in notes:
             reporter.print(line)
         # Weights not trained here (imported, or fine-tuning's start) are evaluated first.
-        evaluate_first = step == 0 and (meta["restored"] or bool(config.train.init_from)) and meta["best_step"] is None
+        evaluate_first = step == 0 and (restored or bool(config.train.init_from)) and meta["best_step"] is None
         final = _loop(trainer, state, meta, step, checkpoints, reporter, evaluate_first)
     finally:
         if reporter is not None:
@@ -328,8 +335,7 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
 
     def save(step: int, error: float | None) -> None:
         meta["data_state"] = data.get_state()
-        saved = {k: v for k, v in meta.items() if k != "restored"}
-        checkpoints.save(step, parallel.to_global(state), dict(saved, step=step), error)
+        checkpoints.save(step, parallel.to_global(state), dict(meta, step=step), error)
 
     if evaluate_first and step < total and watched is not None:
         error, new_best = evaluate(step)

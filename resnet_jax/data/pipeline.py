@@ -179,7 +179,6 @@ class StreamPipeline(_Pipeline):
         super().__init__(config, parallel)
         from resnet_jax.data import stream
 
-        self._stream = stream
         data = config.data
         sources.prepare_tfds(data.name, data.data_dir)
         self.num_train = stream.num_examples(data.name, data.train_split, data.data_dir)
@@ -191,9 +190,7 @@ class StreamPipeline(_Pipeline):
         self._iterator = None
 
     def _make(self, split: str, train: bool, batch: int):
-        return self._stream.make_stream(self.config, split, train=train, global_batch_size=batch,
-                                        seed=self.config.train.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+        return _host_stream(self.config, split, train, batch)
 
     def bind(self, train_step: Callable, eval_step: Callable) -> None:
         self._step = self.parallel.wrap(train_step, (None, 0, None), (None, None), donate_argnums=(0, 2))
@@ -228,6 +225,14 @@ class StreamPipeline(_Pipeline):
             self._iterator.close()
 
 
+def _host_stream(config: ml_collections.ConfigDict, split: str, train: bool, global_batch: int):
+    """This host's share of a streamed split (grain over TFDS)."""
+    from resnet_jax.data import stream
+
+    return stream.make_stream(config, split, train=train, global_batch_size=global_batch, seed=config.train.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def eval_batches(config: ml_collections.ConfigDict, split: str, global_batch: int,
                  normalization: tuple[np.ndarray, np.ndarray]):
     """Host batches of `split` in order, for evaluation with per-example outputs (reports).
@@ -248,11 +253,7 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, global_batch: in
             yield {"image": (pixels.astype(np.float32) - mean) / std, "label": padded.labels[start:start + global_batch],
                    "mask": padded.mask[start:start + global_batch], "pixels": pixels}
         return
-    from resnet_jax.data import stream
-
-    iterator = stream.make_stream(config, split, train=False, global_batch_size=global_batch,
-                                  seed=config.train.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    iterator = _host_stream(config, split, False, global_batch)
     try:
         for batch in iterator:  # normalised by the workers; pixels recovered for pictures
             pixels = np.clip(np.rint(batch["image"] * std + mean), 0, 255).astype(np.uint8)
