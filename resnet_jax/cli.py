@@ -75,6 +75,15 @@ def help_text(flag_values: flags.FlagValues, doc: str, full: bool = False) -> st
     return f"{doc.strip()}\n\nflags:\n{body}\n"
 
 
+def show(text: str) -> None:
+    """Prints help or usage text; a reader that stops early (`--help | head`) ends the
+    program quietly instead of with a BrokenPipeError traceback."""
+    try:
+        print(text, end="", flush=True)
+    except BrokenPipeError:
+        os._exit(0)
+
+
 def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None, doc: str) -> list[str]:
     """Parses `argv` (sys.argv by default) into `flag_values`; handles help and config names.
 
@@ -91,7 +100,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None, doc: 
     argv = list(sys.argv if argv is None else argv)
     options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if any(arg in HELP + HELPFULL for arg in options):
-        print(help_text(flag_values, doc, full=any(arg in HELPFULL for arg in options)), end="", flush=True)
+        show(help_text(flag_values, doc, full=any(arg in HELPFULL for arg in options)))
         sys.exit(0)
     argv = resolve_config_args(argv)
     flag_values.unparse_flags()  # a second call in one process starts from the defaults again

@@ -81,10 +81,10 @@ def cli() -> None:
     """The `resnet-jax` console script: `resnet-jax COMMAND ...`: train (the default when flags come first), evaluate, configs, convert."""
     args = sys.argv[1:]
     if not args:
-        print(usage(), end="")
+        cli_lib.show(usage())
         sys.exit(0)
     if args[0] in cli_lib.HELP + cli_lib.HELPFULL:
-        print(usage())
+        cli_lib.show(usage() + "\n")
         main([sys.argv[0], *args])
     command = args.pop(0) if not args[0].startswith("-") else "train"
     program = f"{sys.argv[0]} {command}"
