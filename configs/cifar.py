@@ -7,7 +7,7 @@
 
 The variant is "<model>[,<option>...]": the model (resnet20 ... resnet1202, plain20 ...
 plain110, any depth 6n+2), then in any order at most one dataset (cifar10, cifar100), one
-schedule (paper, short, smoke, gpu) and one data source (tfds, npz, synthetic); see VARIANTS.
+schedule (paper, gpu_paper, short, smoke, gpu) and one data source (tfds, npz, synthetic); see VARIANTS.
 Every run of experiments/degradation.py and experiments/skip_ablation.py is one of these,
 so each cell of their tables reproduces with the command they print.
 
@@ -48,6 +48,7 @@ class Schedule:
     synthetic_examples: int = 2048
     keep_checkpoints: int = 3
     steps_per_dispatch: int = 0  # auto: 1 on CPU, more on an accelerator (resnet_jax/config.py)
+    dtype: str = ""  # compute dtype; "": the config's default (float32)
 
 
 SCHEDULES = {
@@ -56,6 +57,13 @@ SCHEDULES = {
         total_steps=PAPER_STEPS, batch_size=128, lr=0.1, log_every=100, eval_every=1000, checkpoint_every=1000,
         eval_batch_size=1000,
         eval_splits={"tfds": "test=test", "npz": "test=test,test_exact=test_exact", "synthetic": "test=test"}),
+    "gpu_paper": Schedule(
+        "the recipe as the paper ran it, on one GPU: 64k steps of batch 128 in bfloat16 compute, 8 steps a "
+        "dispatch, evaluated every 1,000 steps on the 1,000 exact test images (npz) or the test set, one "
+        "checkpoint, at the end (and on SIGTERM)",
+        total_steps=PAPER_STEPS, batch_size=128, lr=0.1, log_every=200, eval_every=1000, checkpoint_every=PAPER_STEPS,
+        eval_batch_size=1000, keep_checkpoints=1, steps_per_dispatch=8, dtype="bfloat16",
+        eval_splits={"tfds": "test=test", "npz": "test_exact=test_exact", "synthetic": "test=test"}),
     "gpu": Schedule(
         "the recipe's shape in 16k steps (41 epochs): batch 128, lr 0.1 /10 at 50 % and 75 %, evaluated "
         "every 2,000 steps, 1 checkpoint kept (small enough to carry off a device)",
@@ -127,6 +135,8 @@ def _apply_schedule(config, schedule: Schedule) -> None:
     train.keep_checkpoints, train.steps_per_dispatch = schedule.keep_checkpoints, schedule.steps_per_dispatch
     config.data.train_split = schedule.train_split
     config.optim.lr = schedule.lr
+    if schedule.dtype:
+        config.model.dtype = schedule.dtype
     if config.optim.warmup_steps:  # ResNet-110+: 400 of 64k steps at lr 0.01, kept in proportion
         config.optim.warmup_steps = max(1, round(config.optim.warmup_steps * schedule.total_steps / PAPER_STEPS))
         config.optim.warmup_lr = config.optim.warmup_lr * schedule.lr / 0.1

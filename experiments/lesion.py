@@ -143,11 +143,11 @@ def run(argv: list[str]) -> int:
               f"{result['seconds']:.1f} s", flush=True)
         runs.append(result)
 
-    from resnet_jax import figures
+    from experiments import plots  # matplotlib: only once there is something to draw
 
     out = os.path.expanduser(FLAGS.out)
     os.makedirs(out, exist_ok=True)
-    figures.lesion_png(runs, os.path.join(out, "lesion.png"))
+    plots.lesion_png(runs, os.path.join(out, "lesion.png"))
     summary = {
         "command": " ".join(["python -m experiments.lesion", *argv[1:]]),
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

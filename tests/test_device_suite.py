@@ -129,4 +129,4 @@ def test_the_budget_stops_a_training_child_with_sigterm(tmp_path):
 def test_bad_parts_is_one_line_exit_2(tmp_path):
     result = _suite(tmp_path / "ds", "--parts=bench,speed", timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --parts: unknown part 'speed'; choose from bench, e2e, degradation")
+        "error: --parts: unknown part 'speed'; choose from calibrate, bench, e2e, degradation")

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from configs import cifar
-from experiments import degradation, runs, skip_ablation
-from resnet_jax import cli, figures, models
+from experiments import degradation, plots, runs, skip_ablation
+from resnet_jax import cli, models
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import UserError
 
@@ -120,7 +120,7 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path):
     for command, expected in (
         (_command("degradation", f"--workdir={tmp_path}", "--depths=20,21"), "error: --depths: '21' is not a CIFAR depth"),
         (_command("degradation", f"--workdir={tmp_path}", "--schedule=fast"),
-         "error: bad flags: flag --schedule=fast: value should be one of <paper|gpu|short|smoke>"),
+         "error: bad flags: flag --schedule=fast: value should be one of <paper|gpu_paper|gpu|short|smoke>"),
         (_command("degradation", f"--workdir={tmp_path}", "--data=npz:/no/such.npz"), "error: --data: file not found"),
         (_command("degradation", "--depths=20"), "error: --workdir is required"),
         (_command("skip_ablation", f"--workdir={tmp_path}", "--study=shortcut,dropout"), "error: --study: unknown dropout"),
@@ -232,7 +232,7 @@ def test_gradient_flow_one_finite_value_per_conv(tmp_path):
     # Same images, same init: the stem sees identical inputs in both nets.
     assert profiles[0]["grad_norms"] != profiles[1]["grad_norms"]
     assert profiles[0]["activation_scales"][0] == pytest.approx(profiles[1]["activation_scales"][0], rel=1e-5)
-    _assert_png(figures.gradient_flow_png(profiles, tmp_path / "gradient_flow.png"))
+    _assert_png(plots.gradient_flow_png(profiles, tmp_path / "gradient_flow.png"))
 
 
 def test_gradient_profile_matches_direct_gradients():
