@@ -344,7 +344,8 @@ class Suite:
         for run, workdir in planned:
             if run.name in outcome.done and not outcome.done[run.name].get("failed"):
                 out[run.name] = {**outcome.done[run.name], "code": 0, "stopped": False,
-                                 "log": f"logs/{run.name}.log", "seconds": outcome.done[run.name].get("seconds", 0)}
+                                 "checkpoint_step": checkpoint_step(workdir), "log": f"logs/{run.name}.log",
+                                 "seconds": outcome.done[run.name].get("seconds", 0)}
             else:
                 step, results = runs.last_evaluation(workdir) if os.path.isdir(workdir) else (0, {})
                 why = outcome.left.get(run.name) or (outcome.done.get(run.name) or {}).get("failed", "not run")
@@ -650,8 +651,8 @@ def write_summary(path: str, results: dict) -> None:
     else:
         out.append("not yet measured")
     left = results.get("left") or []
-    asked = last.get("parts") or list(PARTS)
-    others = [p for p in PARTS if p not in asked]
+    asked = last.get("parts") or list(DEFAULT_PARTS)
+    others = [p for p in DEFAULT_PARTS if p not in asked]  # calibrate is asked for by name
     done = (f"Nothing of the parts asked ({', '.join(asked)})" + (f"; not asked: {', '.join(others)}" if others else
                                                                  ": every part finished") + ".")
     out += ["", "## Left", "", ("- " + "\n- ".join(left) + f"\n\nRun the same command again to continue: "

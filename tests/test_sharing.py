@@ -239,3 +239,37 @@ def test_calibrate_tiny_writes_calibration_json(tmp_path):
     assert calibration.run_s("resnet8", 100, 2) > calibration.startup_s
     summary = (tmp_path / "ds" / "summary.md").read_text()
     assert "## Calibration" in summary
+
+
+def test_the_gpu_plan_copies_tables_and_records_out_even_when_runs_are_left(tmp_path):
+    """scripts/gpu/plan.sh train with one run recorded by an earlier session and a budget
+    that holds no other: the study is built from the record, the rest is left (exit 3), and
+    the tables still reach DEST."""
+    earlier = tmp_path / "earlier" / "plain20_seed0"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    lines = [{"step": s, "split": "train", "error": 0.05, "loss": 0.2} for s in range(57_800, 64_001, 200)]
+    lines += [{"step": s, "split": "test_exact", "error": 0.1 - s / 1e6, "loss": 0.4, "examples": 1000}
+              for s in (62_000, 63_000, 64_000)]
+    (earlier / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (earlier / "done.json").write_text(json.dumps({
+        "name": "plain20_seed0", "step": 64_000, "total_steps": 64_000, "minutes": 5.0,
+        "results": {"test_exact": lines[-1]}, "best": {"test_exact": {"error": lines[-1]["error"], "step": 64_000}},
+        "finished": "2026-01-01T00:00:00", "card": "1 x Some GPU (gpu)", "versions": {"jax": "0"},
+        "command": "python -m resnet_jax.main --config=configs/cifar.py:plain20,gpu_paper,npz"}))
+    npz = tmp_path / "cifar10.npz"
+    npz.write_bytes(b"")  # never read: no run starts
+    _calibration(tmp_path)
+    dest = tmp_path / "dest"
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu", "plan.sh"), "train", str(dest), str(npz),
+                             "5", str(tmp_path / "calibration.json"), str(tmp_path / "earlier")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"plan.sh train: exit 3; results in {dest}" in result.stdout
+    assert "resnet20_seed0: not started: predicted" in result.stdout
+    table = (dest / "table.md").read_text()
+    assert "| plain-20 | 20 | 1 | 64000 | 5.00 | 3.60 | — | 3.60 |" in table and "## Not yet run" in table
+    assert "1 x Some GPU (gpu)" in table
+    assert [r["name"] for r in json.loads((dest / "results.json").read_text())] == ["plain20_seed0"]
+    assert (dest / "fig6.png").exists() and (dest / "records").is_dir()
