@@ -163,15 +163,17 @@ class Suite:
               env: dict | None = None, watch: Callable[[], None] | None = None) -> dict:
         """Runs `command` (cwd: the project root) with its output in logs/KEY.log until it
         exits or `deadline`: a training run gets SIGTERM `grace_s` before and a kill at the
-        deadline; anything else gets SIGTERM 2 s before and a kill at it. A stop of the
+        deadline; anything else gets SIGTERM at it and a kill 2 s later. A stop of the
         suite (a signal) reaches it as one SIGTERM.
 
         Returns:
           {"code", "seconds", "stopped" (by the budget or a signal), "log"}.
         """
         path = self.log_path(key)
+        # A training run checkpoints on SIGTERM, so it gets one grace_s before the deadline.
         grace = self.grace_s if training else 2.0
-        child = supervise.run(command, path, env, ROOT, term_at=deadline - grace, kill_at=deadline, grace_s=grace,
+        term_at, kill_at = (deadline - grace, deadline) if training else (deadline, deadline + grace)
+        child = supervise.run(command, path, env, ROOT, term_at=term_at, kill_at=kill_at, grace_s=grace,
                               watch=watch, stop_when=lambda: self.stop_signal is not None)
         return {"code": child.code, "seconds": child.seconds, "stopped": child.stopped,
                 "log": os.path.relpath(path, self.out)}
@@ -305,7 +307,7 @@ class Suite:
                 "launch_to_first_step_s": first_log - r0["step"] * batch / logged,
                 "wall_window_steps": [s0, s1], "evaluations": [step for step, _ in evals]}
 
-    def degradation_runs(self) -> list[runs.Run]:
+    def degradation_runs(self) -> list[runs.RunSpec]:
         from experiments import degradation
 
         if self.tiny:
