@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from experiments.runs import gpu_share, machine, records, supervise
+from .runs import gpu_share, machine, records, supervise
+from .runs.spec import make_run
 from resnet_jax import cli
 
 LOG_EVERY = 200
@@ -80,12 +81,11 @@ def measure(model: str, batch: int, image_size: int, dtype: str, dispatch: Seque
       [{"model", "steps_per_dispatch", "ms_per_step" (median over the log windows after the
       first), "overhead_s" (the run's wall time less its steps at that rate)}].
     """
-    from configs import cifar
-    from resnet_jax import train
+    from resnet_jax import train  # after the flags: bad flags fail before JAX loads
 
     out = []
     for n in dispatch:
-        config = cifar.get_config(f"{model},synthetic")
+        config = make_run("calibration", f"{model},synthetic").config()  # the recipe, as resnet_jax.main builds it
         config.model.dtype = dtype
         config.data.image_size = image_size
         config.data.synthetic_examples = 4 * batch
@@ -144,7 +144,7 @@ def calibrate(out: str, tiny: bool, deadline: float, log: Callable[[str], None] 
                 path = os.path.join(scratch, f"{name}_{i}.json")
                 if os.path.exists(path):
                     os.remove(path)
-                command = [sys.executable, "-m", "experiments.calibration", f"--model={','.join(model)}",
+                command = [sys.executable, "-m", f"{__package__}.calibration", f"--model={','.join(model)}",
                            f"--batch={sizes.batch}", f"--image_size={sizes.image_size}",
                            f"--dispatch={','.join(map(str, dispatch))}", f"--steps={sizes.steps}",
                            f"--log_every={sizes.log_every}", f"--json={path}",

@@ -200,7 +200,7 @@ def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[in
     rows = [runs.result_row(run, outcome.done[run.name], os.path.join(workdir, run.name))
             for run in planned if run.name in outcome.done]
     if rows:
-        from experiments import plots  # matplotlib: only once there is something to draw
+        from . import plots  # matplotlib: only once there is something to draw
 
         plots.degradation_png(runs.figure_runs(rows), os.path.join(workdir, "fig6.png"),
                               title=f"plain vs residual nets on CIFAR-10 ({schedule} schedule; He et al. 2015, Fig. 6)")

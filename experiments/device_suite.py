@@ -54,9 +54,9 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from experiments import calibration as calibration_lib
+from . import calibration as calibration_lib
 from experiments import runs
-from experiments.runs import machine, records, supervise
+from .runs import machine, records, supervise
 from resnet_jax import cli
 from resnet_jax.errors import PREEMPTED_EXIT, UserError
 

@@ -263,7 +263,7 @@ def run(argv: list[str]) -> int:
 
 def write_outputs(runs: list[dict], coords: np.ndarray, out: str, *, dims: int, zmax: float) -> dict:
     """The PNGs: landscape_2d.png (dims=2) and landscape_1d.png (always)."""
-    from experiments import plots  # matplotlib: only once there is something to draw
+    from . import plots  # matplotlib: only once there is something to draw
 
     files = {}
     if dims == 2:

@@ -143,7 +143,7 @@ def run(argv: list[str]) -> int:
               f"{result['seconds']:.1f} s", flush=True)
         runs.append(result)
 
-    from experiments import plots  # matplotlib: only once there is something to draw
+    from . import plots  # matplotlib: only once there is something to draw
 
     out = os.path.expanduser(FLAGS.out)
     os.makedirs(out, exist_ok=True)

@@ -328,7 +328,7 @@ def run_ablation(workdir: str, *, schedule: str = "paper", studies: Sequence[str
         model_overrides = {k.split(".", 1)[1]: v for k, v in run.overrides if k.startswith("model.") and k != "model.bn_sync"}
         rows.append({**runs.result_row(run, done, run_dir), "params": param_count(f"resnet{depth}", **model_overrides)})
 
-    from experiments import plots  # matplotlib: only once there is something to draw
+    from . import plots  # matplotlib: only once there is something to draw
 
     headline = rows[0]["headline_split"] if rows else "test"
     sections = []
@@ -365,7 +365,7 @@ def run_ablation(workdir: str, *, schedule: str = "paper", studies: Sequence[str
 def gradient_flow_section(workdir: str, schedule: str, depths: list[int], batch: int, data_flag: str | None,
                           log: Callable[[str], None]) -> list[str]:
     """Probes, draws gradient_flow.png, writes gradient_flow.json; returns the markdown."""
-    from experiments import plots  # matplotlib: only once there is something to draw
+    from . import plots  # matplotlib: only once there is something to draw
 
     source, overrides = runs.parse_data(data_flag)
     data = runs.make_run("probe", f"resnet20,{schedule}" + (f",{source}" if source else ""), overrides).config().data
