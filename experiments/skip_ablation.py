@@ -24,6 +24,10 @@ one workdir each; finished runs are skipped and interrupted ones resume:
                  the conv's output, in train mode (batch statistics), for plain and residual
                  nets of --grad_depths.
 
+--concurrent=K|auto, --calibration, --budget_s and --records share the machine and keep records as
+in experiments.degradation (experiments.runs.train_all): up to K runs at once, whole runs only
+within the budget, finished runs' records copied out and skipped next time.
+
 The baseline run (shortcut A, zero-init off, sync BN on this process's devices) is shared by
 the shortcut and zero_init studies. Outputs in WORKDIR: table.md, results.json (one row per
 run), shortcut.png / zero_init.png / bn.png (training and test error curves per variant),
