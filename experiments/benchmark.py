@@ -101,14 +101,14 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
     parallel = Parallel(config.parallel.backend)
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
-    acc = trainer.zero_accumulator()
+    acc = trainer.empty_accumulator()
     rng = np.random.default_rng(0)
     size, batch = config.data.image_size, config.train.batch_size
     host_batch = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
                   "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32),
                   "mask": np.ones(batch, np.float32)}
     device_batch = parallel.shard(host_batch)
-    step = trainer.stream_step
+    step = trainer.train_on_batch
     start = time.perf_counter()
     lowered = step.lower(state, device_batch, acc) if hasattr(step, "lower") else None
     compiled = lowered.compile() if lowered is not None else None
