@@ -241,11 +241,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
     workdir = os.path.expanduser(workdir)
     config = rundir.load_config(workdir)
     which = rundir.parse_checkpoint(checkpoint)
-    saved = rundir.saved_steps(workdir)
-    if not saved:  # checked here too: before the split, which is slower to check
-        raise UserError(f"no checkpoints in {rundir.checkpoint_dir(workdir)}: the run has not saved one yet")
-    if isinstance(which, int) and which not in saved:
-        raise UserError(f"no checkpoint at step {which} in {rundir.checkpoint_dir(workdir)}; have {saved}")
+    rundir.check_checkpoint(workdir, which)  # before the split, which is slower to check
     split_name, spec = resolve_split(config, split)
     data = config.data
 

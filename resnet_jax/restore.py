@@ -89,12 +89,8 @@ def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sh
     workdir = os.path.expanduser(workdir)
     config = rundir.load_config(workdir)  # UserError for a missing workdir or config.json
     which = rundir.parse_checkpoint(checkpoint)
-    saved = rundir.saved_steps(workdir)
+    saved = rundir.check_checkpoint(workdir, which)
     directory = rundir.checkpoint_dir(workdir)
-    if not saved:
-        raise UserError(f"no checkpoints in {directory}: the run has not saved one yet")
-    if isinstance(which, int) and which not in saved:
-        raise UserError(f"no checkpoint at step {which} in {directory}; have {saved}")
     target_sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
     try:
@@ -132,8 +128,7 @@ def load_state(workdir: str, step: int | None = None) -> tuple[steps.TrainState,
       UserError: as `load`.
     """
     config = rundir.load_config(workdir)
-    if step is None and not rundir.saved_steps(workdir):
-        raise UserError(f"no checkpoints in {rundir.checkpoint_dir(workdir)}: the run has not saved one yet")
+    rundir.check_checkpoint(workdir, "latest" if step is None else step)
     checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
     try:
         newest = step if step is not None else max(checkpoints.steps())

@@ -260,6 +260,20 @@ def saved_steps(workdir: str) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
+def check_checkpoint(workdir: str, which: str | int) -> list[int]:
+    """The saved steps, when `which` (as `parse_checkpoint` returns it) can be loaded.
+
+    Raises:
+      UserError: no checkpoint at all, or the step asked for is not on disk.
+    """
+    saved = saved_steps(workdir)
+    if not saved:
+        raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}: the run has not saved one yet")
+    if isinstance(which, int) and which not in saved:
+        raise UserError(f"no checkpoint at step {which} in {checkpoint_dir(workdir)}; have {saved}")
+    return saved
+
+
 def parse_checkpoint(checkpoint: str | int) -> str | int:
     """"best", "latest" or a step number (int).
 
