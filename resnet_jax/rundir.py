@@ -304,7 +304,7 @@ def choose_checkpoint(checkpoints, which: str | int) -> tuple[int | None, str | 
         return None, None
     steps = sorted(checkpoints.steps(), reverse=True)
     meta = next((m for m in (checkpoints.read_meta(s) for s in steps) if m is not None), None)
-    best = None if meta is None else meta.get("best_step")
+    best = RunMeta.from_json(meta).best_step
     if best is None:
         return None, "no best step recorded (the run has not evaluated yet); using the latest checkpoint"
     if int(best) not in steps:
