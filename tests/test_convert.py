@@ -236,6 +236,14 @@ def test_import_writes_a_step_0_run_and_round_trips_bitwise(imported):
         convert.export_weights(workdir, str(tmp / "out.pth"))
 
 
+def test_export_says_when_best_falls_back_to_the_latest(imported, tmp_path, capsys):
+    """An imported run has evaluated nothing: "best" is its latest checkpoint, and export says so."""
+    done = convert.export_weights(imported["workdir"], str(tmp_path / "out.safetensors"))
+    assert done["step"] == 0
+    assert "note: no best step recorded (the run has not evaluated yet); using the latest checkpoint" in \
+        capsys.readouterr().err
+
+
 def test_load_initial_weights_keeps_what_fits(imported):
     config = _config("--config=cifar:resnet20,cifar100,smoke")
     rng = np.random.default_rng(1)  # stands for a fresh initialisation (no need to run one)
