@@ -277,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        + (f"resuming at step {step}" if restored else
                           f"from {config.train.init_from}" if config.train.init_from else "from scratch"))
         reporter.started(workdir, checkpoints.directory)
-        for line in notes:
+        for line in notes + data.start_notes():
             reporter.print(line)
         # Weights not trained here (imported, or fine-tuning's start) are evaluated first.
         evaluate_first = step == 0 and (restored or bool(config.train.init_from)) and meta["best_step"] is None
@@ -364,6 +364,8 @@ def _loop(trainer: Trainer, state: TrainState, meta: dict, step: int, checkpoint
                                 "images_per_sec": (step - window_step) * train_cfg.batch_size / max(elapsed, 1e-9)})
                 acc = trainer.zero_accumulator()
                 window_start, window_step, paused_s = time.time(), step, 0.0
+                for line in data.log_notes():  # the stream: what the model consumes, once
+                    reporter.print(line)
             busy_since = time.time()
             error, new_best = evaluate(step) if is_eval else (None, False)
             # Checkpoints at their cadence, at the end, when stopping, and when an evaluation
