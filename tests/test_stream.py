@@ -70,12 +70,14 @@ def test_shapes_dtypes_and_value_ranges(make):
     for train in (True, False):
         batch = next(make("train" if train else "validation", train=train, image_size=224,
                           eval_resize=256))
-        assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
         assert batch["mask"].dtype == np.float32 and np.all(batch["mask"] == 1)
-        assert LOW - 1e-4 <= batch["image"].min() < -1 and 2 < batch["image"].max() <= HIGH + 1e-4
+        assert batch["image"].min() < 10 and batch["image"].max() > 245  # full-range photos
         assert set(batch["label"]) <= set(range(5))
-    unit = next(make(normalization="none"))["image"]
+        normalised = stream.host_normalize(batch["image"], batch["mask"], "imagenet")
+        assert LOW - 1e-4 <= normalised.min() < -1 and 2 < normalised.max() <= HIGH + 1e-4
+    unit = stream.host_normalize(next(make())["image"], np.ones(8), "none")
     assert 0 <= unit.min() and unit.max() <= 1 and unit.max() > 0.9
 
 
@@ -85,7 +87,7 @@ def test_eval_transform_is_resize_then_center_crop(make, data_dir):
 
     raw = tfds.data_source("tiny_imagenet_like", split="validation", data_dir=data_dir,
                            decoders={"image": tfds.decode.SkipDecoding()})
-    batch = next(make("validation", train=False, normalization="none"))
+    batch = next(make("validation", train=False, jpeg_draft=False))
     for row in range(8):
         image = Image.open(io.BytesIO(raw[row]["image"])).convert("RGB")
         scale = 36 / min(image.size)
@@ -93,7 +95,7 @@ def test_eval_transform_is_resize_then_center_crop(make, data_dir):
                              Image.BILINEAR)
         left, top = round((image.width - 32) / 2), round((image.height - 32) / 2)
         expected = np.asarray(image.crop((left, top, left + 32, top + 32)), np.float32) / 255
-        assert np.abs(batch["image"][row] - expected).mean() < 0.03
+        assert np.abs(batch["image"][row] / 255 - expected).mean() < 0.03
         assert batch["id"][row] == raw[row]["id"] and batch["label"][row] == raw[row]["label"]
 
 
@@ -152,6 +154,7 @@ def test_eval_covers_every_example_once_in_order(make, data_dir):
     assert sorted(ids[:23]) == list(range(1000, 1023))
     np.testing.assert_array_equal(labels[:23], (ids[:23] - 1000) % 5)  # the builder's labels
     assert np.all(batches[-1]["image"][3:] == 0) and all(b["image"].shape[0] == 10 for b in batches)
+    assert batches[-1]["image"].dtype == np.uint8
     with pytest.raises(StopIteration):
         next(iterator)
 

@@ -113,10 +113,15 @@ def draft_scale(box_width: float, box_height: float, size: int) -> int:
 
 # What draft decoding changes in pixels. libjpeg's scaled IDCT averages each k x k block in
 # the frequency domain instead of decoding every pixel and letting the antialiased bilinear
-# resize average them, so the output is not bit-identical to a full decode. Measured on
-# re-encoded crops of scikit-learn's two sample photographs (300-500 px, quality 75-95),
-# against today's full decode + resize of the same boxes, 224-px output unless said:
-# PSNR_NOTE_PLACEHOLDER
+# resize average them, so the output is not bit-identical to a full decode. Measured
+# (experiments.benchmark.draft_difference, 2026-12-02) on 128 re-encoded crops of
+# scikit-learn's two sample photographs (300-500 px, JPEG quality 75-95), PSNR of the drafted
+# crops against the full decode + resize of the same boxes, output px (eval_resize):
+#   64 (73): train 40.3 dB (92 % of crops drafted), eval 38.4 dB (all)
+#   112 (128): train 39.5 dB (57 %), eval 40.1 dB (all);  128 (146): 38.4 dB (41 %), 37.7 dB
+#   160 (183): train 37.0 dB (11 %), eval 36.2 dB (34 %)
+#   224 (256): no crop of a 300-500 px photo is 448 px on both sides: identical pixels.
+# ~37-40 dB is about 2-3 levels of 255 RMS, below the JPEG's own coding error at quality 75-95.
 def decode(raw: bytes, box_of, size: int, draft: bool = True):
     """Encoded image -> (RGB PIL image, box (left, top, right, bottom) in its pixels).
 
@@ -134,6 +139,7 @@ def decode(raw: bytes, box_of, size: int, draft: bool = True):
         drafted = image.draft("RGB", (width // k, height // k))  # None: not a JPEG, full decode
         if drafted is not None:
             scale = width / drafted[1][2]  # drafted box is (0, 0, width / k, height / k)
+    image.load()  # decode now (PIL is lazy), so a profile can tell decoding from resizing
     if image.mode != "RGB":  # grayscale and CMYK JPEGs exist in ImageNet
         image = image.convert("RGB")
     return image, (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
