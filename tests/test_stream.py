@@ -235,3 +235,104 @@ def test_reading_never_imports_tensorflow(data_dir):
 def test_prepare_is_a_no_op_when_prepared(data_dir):
     sources.prepare_tfds("tiny_imagenet_like", data_dir)  # the builder is registered by the fixture
     assert stream.num_examples("tiny_imagenet_like", "train[:10]", data_dir) == 10
+
+
+# --- The crop distribution, draft decoding and normalising on the device -----------------
+
+
+def _reference_box_histograms(width, height, area_edges, ratio_edges, grid=1000):
+    """Bin probabilities of the box's area fraction and log aspect ratio under torchvision's
+    RandomResizedCrop.get_params (scale (0.08, 1), ratio (3/4, 4/3) log-uniform, 10 tries,
+    then the center crop), by integrating one try over a fine grid of its two uniforms."""
+    u = 0.08 + (1 - 0.08) * (np.arange(grid) + 0.5) / grid
+    v = np.log(3 / 4) + (np.log(4 / 3) - np.log(3 / 4)) * (np.arange(grid) + 0.5) / grid
+    area, ratio = np.meshgrid(u * width * height, np.exp(v), indexing="ij")
+    w, h = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))  # round half even, as Python
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    accept = ok.mean()
+    fail = (1 - accept) ** 10
+    fw, fh = width, height  # the fallback center crop
+    if width / height < 3 / 4:
+        fh = round(width / (3 / 4))
+    elif width / height > 4 / 3:
+        fw = round(height * (4 / 3))
+    out = []
+    for values, fallback, edges in ((w * h / (width * height), fw * fh / (width * height), area_edges),
+                                    (np.log(w / h), np.log(fw / fh), ratio_edges)):
+        tried = np.histogram(values[ok], edges)[0] / ok.sum()
+        out.append((1 - fail) * tried + fail * np.histogram([fallback], edges)[0])
+    return out
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (640, 200)])
+def test_crop_boxes_follow_torchvision_random_resized_crop(width, height):
+    """Histograms of area fraction and log aspect ratio over many draws are within binomial
+    bounds (4.5 sigma per bin) of torchvision's distribution; (640, 200) is elongated enough
+    that the 10 tries often fail, so the fallback's mass is tested too."""
+    draws = 20_000
+    rng = np.random.default_rng(1)
+    boxes = np.array([stream._random_resized_crop(width, height, rng) for _ in range(draws)])
+    left, top, w, h = boxes.T
+    assert np.all((left >= 0) & (left + w <= width) & (top >= 0) & (top + h <= height))
+    area_edges = np.linspace(0, 1, 11)
+    ratio_edges = np.linspace(np.log(3 / 4) - 0.02, np.log(4 / 3) + 0.02, 11)
+    expected = _reference_box_histograms(width, height, area_edges, ratio_edges)
+    for observed_values, edges, p in ((w * h / (width * height), area_edges, expected[0]),
+                                      (np.log(w / h), ratio_edges, expected[1])):
+        counts = np.histogram(observed_values, edges)[0]
+        bound = 4.5 * np.sqrt(draws * p * (1 - p)) + 2  # + 2: the grid's integration error
+        assert np.all(np.abs(counts - draws * p) <= bound), (counts, np.round(draws * p))
+    # The offset is uniform over the positions that fit: its mean is the middle.
+    slack = (width - w).astype(float)
+    moved = slack > 0
+    assert abs(np.mean(left[moved] / slack[moved]) - 0.5) < 4.5 * np.sqrt(1 / 12 / moved.sum())
+
+
+def _photo_jpeg(width, height, quality=90, mode="RGB"):
+    """A crop of one of scikit-learn's sample photographs (427 x 640), as a JPEG."""
+    from sklearn.datasets import load_sample_images
+
+    photo = load_sample_images().images[0][:height, :width]
+    buffer = io.BytesIO()
+    Image.fromarray(photo).convert(mode).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("box_side,size,scale", [(100, 64, 1), (127, 64, 1), (128, 64, 2), (255, 64, 2),
+                                                  (256, 64, 4), (400, 64, 4), (384, 48, 8), (400, 200, 2)])
+def test_draft_decoding_is_used_exactly_when_the_box_allows(box_side, size, scale):
+    """Decoded at 1/k exactly when the box is k times the output on both sides; the box is
+    then the same region of the photo in the smaller image's pixels."""
+    width, height = 600, 420
+    raw = _photo_jpeg(width, height)
+    box = (30, 10, box_side, box_side + 7)
+    image, scaled = stream.decode(raw, lambda w, h: box, size, draft=True)
+    assert image.size == (-(-width // scale), -(-height // scale)) and image.mode == "RGB"
+    np.testing.assert_allclose(scaled, (30 / scale, 10 / scale, (30 + box_side) / scale,
+                                        (10 + box_side + 7) / scale))
+    full, _ = stream.decode(raw, lambda w, h: box, size, draft=False)
+    assert full.size == (width, height)
+    if scale > 1:  # a pixel short of k times on one side: the next smaller factor
+        narrow, _ = stream.decode(raw, lambda w, h: (0, 0, box_side, size * scale - 1), size)
+        assert narrow.size == (-(-width // (scale // 2)), -(-height // (scale // 2)))
+
+
+def test_draft_decoding_keeps_the_crop_within_the_measured_psnr():
+    """The drafted crop is the full decode's crop up to DCT scaling: PSNR at least 34 dB on a
+    photo (measured 36-42 dB, see data/stream.py); a box off by a source pixel or more would
+    not get near it. Grayscale JPEGs are drafted and converted too; PNGs never drafted."""
+    raw = _photo_jpeg(600, 420)
+    load = stream._LoadBatch(None, train=True, num_examples=1, global_batch=1, local_batch=1,
+                             process_index=0, seed=0, image_size=64, eval_resize=73, flip=False)
+    for seed in range(8):
+        load.draft = True
+        drafted = load.transform(raw, np.random.default_rng(seed)).astype(np.float64)
+        load.draft = False
+        full = load.transform(raw, np.random.default_rng(seed))
+        assert 10 * np.log10(255 ** 2 / np.mean((drafted - full) ** 2)) > 34
+    gray, _ = stream.decode(_photo_jpeg(600, 420, mode="L"), lambda w, h: (0, 0, 300, 300), 64)
+    assert gray.size == (150, 105) and gray.mode == "RGB"
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(raw)).save(buffer, "PNG")
+    png, box = stream.decode(buffer.getvalue(), lambda w, h: (0, 0, 300, 300), 64)
+    assert png.size == (600, 420) and box == (0, 0, 300, 300)
