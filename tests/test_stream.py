@@ -336,3 +336,56 @@ def test_draft_decoding_keeps_the_crop_within_the_measured_psnr():
     Image.open(io.BytesIO(raw)).save(buffer, "PNG")
     png, box = stream.decode(buffer.getvalue(), lambda w, h: (0, 0, 300, 300), 64)
     assert png.size == (600, 420) and box == (0, 0, 300, 300)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_uint8_reaches_the_device_and_is_normalised_there_as_on_the_host(data_dir, dtype):
+    """The host-to-device copy is uint8; the step sees (x - mean) / std equal to the host's
+    float32 normalisation (what the workers shipped before), padding rows zero.
+
+    Why 2 ulp holds on any IEEE-754 CPU: x is an integer 0..255, exact in float32; both sides
+    subtract the float32 mean exactly rounded; dividing by std exactly rounded would agree bit
+    for bit, and XLA (which turns division by a constant into multiplication by its rounded
+    reciprocal) adds at most one more rounding: relative 2^-24 for the reciprocal + 2^-24 for
+    the product, under 2 ulp (measured: at most 1 ulp on XLA:CPU, jax 0.10). In bfloat16 both round the
+    same float32 (or one 2-ulp neighbour) to 8 bits: within one bfloat16 ulp, 2^-8 relative."""
+    import jax
+
+    from resnet_jax.data import pipeline
+    from resnet_jax.parallel import AXIS, Parallel
+
+    config = default_config()
+    config.data.update(dict(pipeline="stream", source="tfds", name="tiny_imagenet_like", data_dir=data_dir,
+                            image_size=32, eval_resize=36, normalization="imagenet", workers=0,
+                            train_split="train", eval_splits="val=validation"))
+    config.model.dtype = dtype
+    config.train.update(batch_size=8, eval_batch_size=10)
+    parallel = Parallel()
+    data = pipeline.create(config, parallel)
+    placed = []
+    shard = parallel.shard
+    parallel.shard = lambda tree: placed.append({k: v.dtype for k, v in tree.items()}) or shard(tree)
+    gather = lambda batch: jax.lax.all_gather(batch["image"], AXIS, tiled=True)
+    data.bind(lambda state, batch, acc: (state, gather(batch)),
+              lambda state, batch: gather(batch) / jax.lax.axis_size(AXIS))
+    try:
+        state = parallel.replicate(np.int32(0))
+        _, seen = data.train(state, parallel.replicate(np.zeros(1, np.float32)), 1, 0)
+        assert placed[0]["image"] == np.uint8
+        reference = stream.make_stream(config, "train", train=True, global_batch_size=8, seed=0)
+        host = next(reference)
+        reference.close()
+        expected = stream.host_normalize(host["image"], host["mask"], "imagenet")
+        seen = np.asarray(jax.device_get(seen))
+        assert seen.dtype == np.dtype(dtype)
+        last = list(data._make("validation", False, 10))[-1]  # 3 real rows, 7 padding
+        seen_eval = np.asarray(jax.device_get(data._eval(state, parallel.shard(last))))
+        expected_eval = stream.host_normalize(last["image"], last["mask"], "imagenet")
+        assert np.all(seen_eval[3:] == 0) and np.any(last["image"][:3] != 0)
+        for got, want in ((seen, expected), (seen_eval, expected_eval)):
+            if dtype == "float32":
+                np.testing.assert_array_max_ulp(got, want, maxulp=2)
+            else:
+                np.testing.assert_allclose(got.astype(np.float32), want, rtol=2 ** -8, atol=0)
+    finally:
+        data.close()
