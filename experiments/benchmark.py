@@ -425,7 +425,8 @@ def run(argv) -> dict:
     row = {"model": FLAGS.model, "batch": FLAGS.batch, "dtype": FLAGS.dtype, "image_size": image_size,
            "data": FLAGS.data, "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
            "jax": jax.__version__, **result}
-    cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None]
+    cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+             if v is not None and not isinstance(v, (dict, list))]  # the stream's splits: in the table and --json
     print("RESULT " + " ".join(cells), flush=True)
     if FLAGS.json:
         with open(FLAGS.json, "a") as f:
