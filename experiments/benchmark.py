@@ -218,13 +218,16 @@ def _loaders(jpegs, size: int, batch: int):
             stream._LoadBatch(PhotoSource(jpegs), draft=True, **kwargs))
 
 
-def _in_process_rate(load, batches: int) -> float:
-    """Images/s of one worker: the loader called in this process, as a worker calls it."""
+def _in_process_rate(load, batches: int) -> tuple[float, float]:
+    """(images per second, images per CPU second) of one worker: the loader called in this
+    process, as a worker calls it. CPU seconds (this process's, all threads) are what a core
+    delivers whatever else the machine runs; wall seconds also count the waits for a core."""
     load(0)  # warm (first-call costs: imports, allocations)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for index in range(1, batches + 1):
         load(index)
-    return batches * load.local_batch / (time.perf_counter() - start)
+    images = batches * load.local_batch
+    return images / (time.perf_counter() - start), images / (time.process_time() - cpu)
 
 
 def _workers_rate(load, workers: int, batches: int) -> float:
@@ -278,8 +281,8 @@ def _stages(load, batches: int, normalise: bool) -> dict:
 
 
 def _tf_rate(jpegs, size: int, threads: int, batch: int, batches: int) -> float:
-    """Images/s of flax's imagenet example's train preprocessing in tf.data on `threads`
-    threads: sample_distorted_bounding_box + decode_and_crop_jpeg + bilinear resize + flip,
+    """(images/s, images per CPU second) of flax's imagenet example's train preprocessing in
+    tf.data on `threads` threads: sample_distorted_bounding_box + decode_and_crop_jpeg + bilinear resize + flip,
     cast to uint8 (the same output as the stream's workers)."""
     # TensorFlow here only, for the comparison: training never imports it (DESIGN.md).
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -301,10 +304,13 @@ def _tf_rate(jpegs, size: int, threads: int, batch: int, batches: int) -> float:
                .batch(batch).with_options(options))
     iterator = iter(dataset)
     next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(iterator)
-    return batches * batch / (time.perf_counter() - start)
+    # tf.data prefetches: stop its threads before reading the CPU clock, at the cost of
+    # counting a batch or two more of its work against it (small against `batches`).
+    del iterator
+    return batches * batch / (time.perf_counter() - start), batches * batch / (time.process_time() - cpu)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -358,25 +364,30 @@ def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: in
     else:
         jpegs = photo_jpegs(512)
     before, after = _loaders(jpegs, size, batch)
-    rates = {"before": [], "after": [], "tf": []}
+    rates = {"before": [], "after": [], "tf": []}  # (wall, cpu) images/s per round
     for _ in range(rounds):  # interleaved, so load from other processes hits all three alike
         rates["before"].append(_in_process_rate(before, batches))
         rates["after"].append(_in_process_rate(after, batches))
         rates["tf"].append(_tf_rate(jpegs, size, 1, batch, batches))
-    median = {k: statistics.median(v) for k, v in rates.items()}
-    ratios_tf = [a / t for a, t in zip(rates["after"], rates["tf"])]
-    ratios_before = [a / b for a, b in zip(rates["after"], rates["before"])]
-    result = {"jpegs": len(jpegs), "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "rounds": rounds,
-              "images_per_sec_per_worker": median["after"], "before_per_worker": median["before"],
-              "tf_data_per_thread": median["tf"],
-              "ratio_vs_tf": statistics.median(ratios_tf), "ratio_vs_before": statistics.median(ratios_before),
-              "spread_per_worker": [min(rates["after"]), max(rates["after"])],
-              "spread_before": [min(rates["before"]), max(rates["before"])],
-              "spread_tf": [min(rates["tf"]), max(rates["tf"])]}
+    result = {"jpegs": len(jpegs), "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "rounds": rounds}
+    for clock, name in ((1, "cpu"), (0, "wall")):
+        series = {k: [r[clock] for r in v] for k, v in rates.items()}
+        suffix = "" if name == "cpu" else "_wall"
+        result.update({
+            f"images_per_sec_per_worker{suffix}": statistics.median(series["after"]),
+            f"before_per_worker{suffix}": statistics.median(series["before"]),
+            f"tf_data_per_thread{suffix}": statistics.median(series["tf"]),
+            f"ratio_vs_tf{suffix}": statistics.median([a / t for a, t in zip(series["after"], series["tf"])]),
+            f"ratio_vs_before{suffix}": statistics.median([a / b for a, b in zip(series["after"], series["before"])]),
+            f"spread_per_worker{suffix}": [min(series["after"]), max(series["after"])],
+            f"spread_before{suffix}": [min(series["before"]), max(series["before"])],
+            f"spread_tf{suffix}": [min(series["tf"]), max(series["tf"])],
+            f"spread_ratio_vs_tf{suffix}": [min(a / t for a, t in zip(series["after"], series["tf"])),
+                                            max(a / t for a, t in zip(series["after"], series["tf"]))]})
     if workers > 0:
         result[f"images_per_sec_{workers}_workers"] = _workers_rate(after, workers, batches)
         result[f"before_{workers}_workers"] = _workers_rate(before, workers, batches)
-        result[f"tf_data_{workers}_threads"] = _tf_rate(jpegs, size, workers, batch, batches)
+        result[f"tf_data_{workers}_threads"] = _tf_rate(jpegs, size, workers, batch, batches)[0]
     result["stages_ms_after"] = _stages(after, batches, normalise=False)
     result["stages_ms_before"] = _stages(before, batches, normalise=True)
     result.update(draft_difference(jpegs[:128], size, before.eval_resize))
@@ -386,12 +397,16 @@ def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: in
 
 def _print_stream_table(result: dict, workers: int) -> None:
     spread = lambda key: f"{result[key][0]:,.0f}-{result[key][1]:,.0f}"
-    print(f"images/s per core, median of {result['rounds']} interleaved rounds (min-max):")
-    print(f"  stream before (full decode, float32):  {result['before_per_worker']:8,.0f}  ({spread('spread_before')})")
-    print(f"  stream now (draft decode, uint8):      {result['images_per_sec_per_worker']:8,.0f}  "
-          f"({spread('spread_per_worker')})  x{result['ratio_vs_before']:.2f} of before")
-    print(f"  tf.data decode_and_crop_jpeg:          {result['tf_data_per_thread']:8,.0f}  ({spread('spread_tf')})  "
-          f"stream/tf.data = {result['ratio_vs_tf']:.2f}")
+    for suffix, what in (("", "images per CPU second (one core's rate)"), ("_wall", "images per wall second")):
+        print(f"{what}, median of {result['rounds']} interleaved rounds (min-max):")
+        print(f"  stream before (full decode, float32):  {result['before_per_worker' + suffix]:8,.0f}  "
+              f"({spread('spread_before' + suffix)})")
+        print(f"  stream now (draft decode, uint8):      {result['images_per_sec_per_worker' + suffix]:8,.0f}  "
+              f"({spread('spread_per_worker' + suffix)})  x{result['ratio_vs_before' + suffix]:.2f} of before")
+        low, high = result["spread_ratio_vs_tf" + suffix]
+        print(f"  tf.data decode_and_crop_jpeg:          {result['tf_data_per_thread' + suffix]:8,.0f}  "
+              f"({spread('spread_tf' + suffix)})  stream/tf.data = {result['ratio_vs_tf' + suffix]:.2f} "
+              f"({low:.2f}-{high:.2f})")
     if workers > 0:
         print(f"{workers} workers: stream {result[f'images_per_sec_{workers}_workers']:,.0f}, before "
               f"{result[f'before_{workers}_workers']:,.0f}, tf.data ({workers} threads) "
