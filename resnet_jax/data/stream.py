@@ -121,7 +121,7 @@ def draft_scale(box_width: float, box_height: float, size: int) -> int:
 #   112 (128): train 39.5 dB (57 %), eval 40.1 dB (all);  128 (146): 38.4 dB (41 %), 37.7 dB
 #   160 (183): train 37.0 dB (11 %), eval 36.2 dB (34 %)
 #   224 (256): no crop of a 300-500 px photo is 448 px on both sides: identical pixels.
-# ~37-40 dB is about 2-3 levels of 255 RMS, below the JPEG's own coding error at quality 75-95.
+# 36-42 dB is 2-4 levels of 255 RMS, about the JPEG's own coding error at quality 75-95.
 def decode(raw: bytes, box_of, size: int, draft: bool = True):
     """Encoded image -> (RGB PIL image, box (left, top, right, bottom) in its pixels).
 
