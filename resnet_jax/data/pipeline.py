@@ -310,6 +310,7 @@ class _InputRate:
         self.config, self.workers = config, config.data.workers
         self.delivered = self.per_worker = None  # images/s the configured workers deliver, and one
         self._steps, self._images, self._waited, self._since, self._reported = -1, 0, 0.0, None, False
+        self.clock = time.perf_counter
 
     def start_notes(self, iterator) -> list[str]:
         self.per_worker = per_worker = iterator.measure_rate()
@@ -325,7 +326,7 @@ class _InputRate:
     def stepped(self, waited: float, images: int) -> None:
         self._steps += 1
         if self._steps == 0:  # the first step compiles: measure from its end
-            self._since = time.perf_counter()
+            self._since = self.clock()
             return
         self._images += images
         self._waited += waited
@@ -334,7 +335,7 @@ class _InputRate:
         if self._reported or self._steps < 1:
             return []
         self._reported = True
-        elapsed = time.perf_counter() - self._since
+        elapsed = self.clock() - self._since
         waited = min(self._waited / elapsed, 1.0)
         trained = self._images / elapsed  # images/s this host trained on
         model = self._images / max(elapsed - self._waited, 1e-9)  # without the waits
