@@ -5,6 +5,7 @@
     state, acc = data.train(state, acc, n)       # the next n steps, in one dispatch
     sums = data.evaluate(state)                  # {split name: exact sums over the split}
     data.get_state() / data.set_state(saved)     # where the input stands (for checkpoints)
+    data.start_notes() / data.log_notes()        # log lines: input delivered vs consumed (stream)
 
 `train_step(state, batch, acc) -> (state, acc)` takes this device's part of a batch
 {"image", "label", "mask"} and `eval_step(state, batch) -> sums` returns this device's sums;
