@@ -58,7 +58,7 @@ from . import calibration as calibration_lib
 from experiments import runs
 from .runs import machine, records, supervise
 from resnet_jax import cli
-from resnet_jax.errors import PREEMPTED_EXIT, UserError
+from resnet_jax.errors import PREEMPTED_EXIT, Preempted, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("calibrate", "bench", "e2e", "degradation")
@@ -336,9 +336,7 @@ class Suite:
                 logs_dir=os.path.join(self.out, "logs"), cache_dir=os.path.join(self.out, "jax_cache"),
                 grace_s=self.grace_s, cwd=ROOT, in_process=False, deadline=deadline,
                 stop_when=lambda: self.stop_signal is not None)
-        except Exception as error:  # Preempted by a signal: what finished is kept below
-            if type(error).__name__ != "Preempted":
-                raise
+        except Preempted:  # stopped by a signal: what finished is kept below
             outcome = runs.Outcome(done={r.name: d for r, w in planned
                                          if (d := records.existing(r, w, log=lambda _: None))},
                                    left={r.name: "stopped by a signal" for r, w in planned})
@@ -722,9 +720,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def checkpoint_step(workdir: str) -> int | None:
     """The newest saved step in `workdir` (None: none)."""
-    saved = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(saved) if d.isdigit()] if os.path.isdir(saved) else []
-    return max(steps, default=None)
+    return max(records.saved_steps(workdir), default=None)
 
 
 if __name__ == "__main__":

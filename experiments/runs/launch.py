@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import NonFinite, Preempted, UserError
 
 from . import gpu_share, machine, planner, records, supervise
 from . import spec as spec_lib
@@ -85,7 +85,7 @@ def train_all(runs: Sequence[tuple[RunSpec, str]], *, concurrent: int | str = 1,
 
     Raises:
       UserError: --budget_s without a calibration, or a run's command failed.
-      train.Preempted: a signal stopped runs (they resume with the same command).
+      Preempted: a signal stopped runs (they resume with the same command).
     """
     if budget_s and calibration is None:
         raise UserError("--budget_s needs --calibration=calibration.json (python -m experiments.device_suite "
@@ -128,8 +128,6 @@ def _ordered(outcome: Outcome, runs: Sequence[tuple[RunSpec, str]]) -> Outcome:
 
 def _train_children(todo, total: int, outcome: Outcome, k: int, use_mps: bool, log, records_out, end, logs_dir,
                     cache_dir, grace_s, cwd, stop_when) -> None:
-    from resnet_jax import train  # its exceptions only
-
     first_dir = todo[0][2]
     logs_dir = logs_dir or os.path.join(os.path.dirname(first_dir), "logs")
     cache_dir = cache_dir or os.path.join(os.path.dirname(first_dir), "jax_cache")
@@ -161,11 +159,11 @@ def _train_children(todo, total: int, outcome: Outcome, k: int, use_mps: bool, l
                 _, spec, workdir = running.pop(child.key)
                 try:
                     step, results = records.child_outcome(spec, workdir, child.code)
-                except train.Preempted:
+                except Preempted:
                     outcome.left[spec.name] = "stopped with a checkpoint; the same command resumes it"
                     log(f"{spec.name}: {outcome.left[spec.name]}")
                     continue
-                except train.NonFinite as error:
+                except NonFinite as error:
                     outcome.done[spec.name] = records.fail(spec, workdir, str(error), log)
                     continue
                 except UserError as error:
@@ -183,5 +181,5 @@ def _train_children(todo, total: int, outcome: Outcome, k: int, use_mps: bool, l
     if errors:
         raise errors[0]
     if supervisor.stop_signal:
-        raise train.Preempted(f"stopped by {supervisor.stop_signal}: {', '.join(outcome.left)}; run the same "
+        raise Preempted(f"stopped by {supervisor.stop_signal}: {', '.join(outcome.left)}; run the same "
                               "command again to continue")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, UserError
+from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, NonFinite, Preempted, UserError
 
 from . import machine, supervise
 from .spec import RunSpec
@@ -91,9 +91,15 @@ def existing(run: RunSpec, workdir: str, records: Sequence[str] = (),
     return None
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The run's checkpoint steps on disk (the library's one listing of them)."""
+    from resnet_jax import rundir  # imports JAX: not before the flags are parsed
+
+    return rundir.saved_steps(workdir)
+
+
 def resuming(workdir: str) -> bool:
-    saved = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(saved) and any(name.isdigit() for name in os.listdir(saved))
+    return bool(saved_steps(workdir))
 
 
 def finish(run: RunSpec, workdir: str, step: int, results: dict, seconds: float, info: dict,
@@ -135,12 +141,10 @@ def child_outcome(run: RunSpec, workdir: str, code: int) -> tuple[int, dict]:
     Raises:
       Preempted (exit 3), NonFinite (exit 4), UserError (anything else non-zero).
     """
-    from resnet_jax import train  # its exceptions: the same ones an in-process run raises
-
-    if code == PREEMPTED_EXIT:
-        raise train.Preempted(f"{run.name} was stopped with a checkpoint; run the same command again to resume")
+    if code == PREEMPTED_EXIT:  # the same exceptions an in-process run raises
+        raise Preempted(f"{run.name} was stopped with a checkpoint; run the same command again to resume")
     if code == NONFINITE_EXIT:
-        raise train.NonFinite(f"{run.name}: non-finite loss (see its output)")
+        raise NonFinite(f"{run.name}: non-finite loss (see its output)")
     if code:
         raise UserError(f"{run.name} exited with code {code} (its error is in its output): {run.command(workdir)}")
     return last_evaluation(workdir)
@@ -156,7 +160,7 @@ def run_or_skip(run: RunSpec, workdir: str, log: Callable[[str], None] = print, 
       diverged; "record_dir" says where its files are.
 
     Raises:
-      UserError / train.Preempted: from the run (a subprocess's exit 2 / 3 likewise).
+      UserError / Preempted: from the run (a subprocess's exit 2 / 3 likewise).
     """
     found = existing(run, workdir, records, log)
     if found:
@@ -178,6 +182,6 @@ def run_or_skip(run: RunSpec, workdir: str, log: Callable[[str], None] = print, 
             result = train.train_and_evaluate(config, workdir)
             step, results = result["step"], {k: v for k, v in result.items() if k not in ("step", "best")}
             info = machine.describe()
-    except train.NonFinite as error:
+    except NonFinite as error:
         return fail(run, workdir, str(error), log)
     return finish(run, workdir, step, results, time.time() - start, info, records_out)
