@@ -11,7 +11,8 @@ measures, with resnet_jax.main's own training loop on synthetic batches (bf16, b
   compilation cache), without and, where `nvidia-cuda-mps-control` exists, with CUDA MPS;
   MPS "works" when every run under it finished.
 
-It takes about 2 minutes on a GPU (most of it start-up and compilation). The planner
+It is sized for about 2 minutes on a GPU (most of it start-up and compilation; not yet timed on
+one) and keeps to the suite's budget: a group that would start past it is skipped. The planner
 (experiments.runs.planner) and `--concurrent=auto` read calibration.json. With --tiny: resnet8
 on 16 px images at batch 16, 1 and 2 steps per dispatch, alone and 2 at once, on CPU in about
 a minute: it checks the plumbing, and its numbers are CPU numbers.
