@@ -2,7 +2,7 @@
 
     python -m experiments.skip_ablation --workdir=runs/ablation                   # paper
     python -m experiments.skip_ablation --workdir=runs/ablation_short --schedule=short \\
-        --data=npz:../shared/data/cifar10/cifar10.npz
+        --data=npz:cifar10.npz     # python -m resnet_jax.data.cifar_npz makes it
     python -m experiments.skip_ablation --workdir=/tmp/abl --schedule=smoke --study=gradient_flow
 
 Studies (--study, comma separated; all by default). The trained ones are ResNet-`--depth` runs
@@ -43,7 +43,7 @@ from typing import Any
 
 from absl import flags
 
-from experiments import runs
+from . import runs
 from resnet_jax import cli
 from resnet_jax.errors import UserError
 
