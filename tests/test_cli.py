@@ -1,4 +1,4 @@
-"""Driving it from a terminal and from a log (issue 18): --help, config names from any
+"""Driving it from a terminal and from a log: --help, config names from any
 directory, the `resnet-jax` console script, and progress lines a log file can hold."""
 
 import json

@@ -1,4 +1,4 @@
-"""resnet_jax.config in-process (issue 19): every validation rule refuses what it should with
+"""resnet_jax.config in-process: every validation rule refuses what it should with
 the message a user reads, and accepts the recipes; lengths in steps or epochs. Fast (no
 training), so the mutation run (scripts/mutation.sh) can use them."""
 

@@ -1,4 +1,4 @@
-"""resnet_jax.data.sources in-process (issue 19): split slicing, array validation and the
+"""resnet_jax.data.sources in-process: split slicing, array validation and the
 consistency checks, each rule with the message a user reads. Fast (no training), for the
 mutation run; tests/test_data_validation.py checks the same rules end to end."""
 
