@@ -216,7 +216,7 @@ class Suite:
                    f"--image_size={bench.image_size}", "--dtype=bfloat16", f"--steps={steps}", f"--warmup={warmup}",
                    "--data=synthetic", f"--json={rows}"]
         proc = self.spawn(command, key, deadline)
-        record = {"command": shlex.join(["python", *command[1:]]), **proc}
+        record = {"command": shlex.join(["python", *command[1:]]).replace(self.out + os.sep, "DIR/"), **proc}
         row = runs.read_json(rows) if proc["code"] == 0 else None
         if row:
             record.update({k: row.get(k) for k in ("ms_per_step", "images_per_sec", "compile_s", "tflops_per_sec",
