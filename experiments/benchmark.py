@@ -24,8 +24,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from resnet_jax import cli
+from resnet_jax import cli, models, train
 from resnet_jax.errors import UserError
+from resnet_jax.parallel import Parallel
+from resnet_jax.reporting import read_metrics
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", "resnet20", "Model name, e.g. resnet20, resnet56, resnet50.", flag_values=FLAGS)
@@ -50,7 +52,6 @@ PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16
 
 def _config(model: str, batch: int, dtype: str, image_size: int):
     from resnet_jax.configs import cifar, imagenet
-    from resnet_jax import models
 
     if models.model_family(model) == "imagenet":
         config = imagenet.get_config(model)
@@ -95,20 +96,17 @@ def _flops(lowered, compiled) -> float:
 
 def synthetic_step(config, steps: int, warmup: int) -> dict:
     """Median time of the mapped train step on a fixed on-device batch."""
-    from resnet_jax import train
-    from resnet_jax.parallel import Parallel
-
     parallel = Parallel(config.parallel.backend)
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
-    acc = trainer.zero_accumulator()
+    acc = trainer.empty_accumulator()
     rng = np.random.default_rng(0)
     size, batch = config.data.image_size, config.train.batch_size
     host_batch = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
                   "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32),
                   "mask": np.ones(batch, np.float32)}
     device_batch = parallel.shard(host_batch)
-    step = trainer.stream_step
+    step = trainer.train_on_batch
     start = time.perf_counter()
     lowered = step.lower(state, device_batch, acc) if hasattr(step, "lower") else None
     compiled = lowered.compile() if lowered is not None else None
@@ -142,9 +140,6 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
 
 def device_end_to_end(config, steps: int, steps_per_dispatch: int, npz: str) -> dict:
     """train_and_evaluate on device-resident data; the median logged rate after the first window."""
-    from resnet_jax import train
-    from resnet_jax.reporting import read_metrics
-
     if npz:
         config.data.source, config.data.path = "npz", npz
         config.data.normalization = "per_pixel_mean"
@@ -161,7 +156,7 @@ def device_end_to_end(config, steps: int, steps_per_dispatch: int, npz: str) -> 
 
 
 def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: int) -> dict:
-    from resnet_jax.data import stream
+    from resnet_jax.data import stream  # grain: only this measurement needs it
 
     if not tfds_name:
         raise UserError("--data=stream needs --tfds_name of a prepared TFDS image dataset")
@@ -172,8 +167,6 @@ def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: in
 
 
 def run(argv) -> dict:
-    from resnet_jax import models
-
     try:
         family = models.model_family(FLAGS.model)
     except ValueError as error:

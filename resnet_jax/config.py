@@ -4,6 +4,8 @@ Recipes in `configs/` start from `default_config()` and change what their family
 Every field can be overridden on the command line (`--config.train.total_steps=1000`).
 """
 
+import os
+
 import ml_collections
 
 from resnet_jax import models
@@ -192,8 +194,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if data.source == "npz" and not data.path:
         raise UserError("data.source=npz needs data.path=FILE.npz")
     if data.source == "npz":
-        import os
-
         if not os.path.isfile(data.path):
             raise UserError(f"data file not found: {data.path}")
     if data.pipeline == "stream" and data.source != "tfds":

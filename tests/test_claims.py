@@ -106,7 +106,7 @@ EVALUATE = textwrap.dedent("""
     import jax
     from resnet_jax import train
     from resnet_jax.checkpoint import Checkpoints, abstract_like
-    from resnet_jax.evaluate import load_config
+    from resnet_jax.rundir import load_config
     from resnet_jax.parallel import Parallel
 
     workdir, backend, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -226,11 +226,11 @@ NO_COMPILE = textwrap.dedent("""
 
 
 def test_user_errors_come_before_anything_is_compiled_or_written(tmp_path):
-    from resnet_jax import workdir as workdir_lib
+    from resnet_jax import rundir
 
     other = tmp_path / "other"
     other.mkdir()
-    workdir_lib.write_config(tiny_config(**{"model.name": "resnet14"}), str(other))
+    rundir.write_config(tiny_config(**{"model.name": "resnet14"}), str(other))
     config_before = (other / "config.json").read_bytes()
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)

@@ -192,7 +192,7 @@ class StreamPipeline(_Pipeline):
 
     def __init__(self, config, parallel):
         super().__init__(config, parallel)
-        from resnet_jax.data import stream
+        from resnet_jax.data import stream  # grain: only streamed data needs it
 
         data = config.data
         sources.prepare_tfds(data.name, data.data_dir)
@@ -242,7 +242,7 @@ class StreamPipeline(_Pipeline):
 
 def _host_stream(config: ml_collections.ConfigDict, split: str, train: bool, global_batch: int):
     """This host's share of a streamed split (grain over TFDS)."""
-    from resnet_jax.data import stream
+    from resnet_jax.data import stream  # grain: only streamed data needs it
 
     return stream.make_stream(config, split, train=train, global_batch_size=global_batch, seed=config.train.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
@@ -275,20 +275,3 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, global_batch: in
             yield {**batch, "pixels": pixels}
     finally:
         iterator.close()
-
-
-def training_examples(data: ml_collections.ConfigDict, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` training examples, normalised as the trainer normalises them
-    (statistics of the whole training split): for probes and analyses outside training.
-
-    Returns:
-      (float32 images [count, H, W, C], int32 labels [count]).
-
-    Raises:
-      UserError: a bad split, or fewer than `count` training examples.
-    """
-    arrays = sources.load_split(data, data.train_split, role="training")
-    if len(arrays.labels) < count:
-        raise UserError(f"{count} examples asked for, but {data.train_split!r} has {len(arrays.labels)}")
-    mean, std = device.normalization_stats(data, arrays)
-    return (arrays.images[:count].astype(np.float32) - mean) / std, arrays.labels[:count].astype(np.int32)

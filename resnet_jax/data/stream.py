@@ -47,7 +47,7 @@ def _open(name: str, split: str, data_dir: str):
 
     download=False: reading must never start preparing (that would import TensorFlow).
     """
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # heavy (TensorFlow behind it): only to find the files
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
