@@ -69,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
     data.synthetic_examples = 2048
     data.workers = 0  # stream pipeline: grain worker processes (0 = in the main process)
     data.eval_resize = 256  # stream pipeline: shorter side before the center crop
+    # stream pipeline: decode a JPEG at 1/2, 1/4 or 1/8 scale when its crop is that many times
+    # the output on each side (faster; pixels differ slightly, see data/stream.py); False:
+    # always a full decode.
+    data.jpeg_draft = True
     data.shuffle_buffer = 0
 
     config.train = train = ml_collections.ConfigDict()

@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        + (f"resuming at step {step}" if restored else
                           f"from {config.train.init_from}" if config.train.init_from else "from scratch"))
         reporter.started(workdir, checkpoints.directory)
-        for line in notes:
+        for line in notes + data.start_notes():
             reporter.print(line)
         # Weights not trained here (imported, or fine-tuning's start) are evaluated first.
         evaluate_first = step == 0 and (restored or bool(config.train.init_from)) and meta.best_step is None
@@ -264,6 +264,8 @@ class Loop:
                              "lr": float(self.trainer.schedule(self.step - 1)),
                              "images_per_sec": images / max(elapsed, 1e-9)})
         self._new_window()
+        for line in self.trainer.data.log_notes():  # the stream: what the model consumes, once
+            self.reporter.print(line)
 
     def evaluate(self) -> tuple[float, bool]:
         """Evaluates every split, tracks the best and the patience; (error, new best?)."""
