@@ -2,7 +2,7 @@
 
     python -m experiments.degradation --workdir=runs/degradation                   # paper
     python -m experiments.degradation --workdir=runs/degradation_short --schedule=short \\
-        --depths=20,56 --data=npz:../shared/data/cifar10/cifar10.npz
+        --depths=20,56 --data=npz:cifar10.npz   # python -m resnet_jax.data.cifar_npz makes it
     python -m experiments.degradation --workdir=/tmp/deg_smoke --schedule=smoke    # < 1 min
 
 Trains plain-d and ResNet-d for every depth d and seed, one workdir each (WORKDIR/plain20_seed0,
@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from experiments import runs
+from . import runs
 from resnet_jax import cli
 from resnet_jax.errors import PREEMPTED_EXIT, UserError
 

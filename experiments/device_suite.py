@@ -1,7 +1,7 @@
 """Everything a GPU or TPU can show about resnet_jax, from one command that keeps to a budget.
 
     python -m experiments.device_suite --out=DIR [--parts=bench,e2e,degradation] [--budget_s=480]
-        [--tiny] [--reference=PATH] [--data=CIFAR10.npz] [--bench=resnet56_b128,...] [--e2e_dispatch=1,8,65]
+        [--tiny] [--data=CIFAR10.npz] [--bench=resnet56_b128,...] [--e2e_dispatch=1,8,65] [--reference=PATH]
         [--concurrent=K|auto] [--calibration=calibration.json]
     python -m experiments.device_suite --out=DIR --parts=calibrate [--tiny]
 
@@ -11,13 +11,13 @@
   `--concurrent=auto` read it; so does `python -m experiments.degradation --calibration=...`.
 
 - bench: the bf16 synthetic train step of resnet50 (batch 256, 224 px), resnet56 (128),
-  resnet20 (128) and resnet56 (1024), each beside the plain reference benchmark
-  (../shared/bench/reference.py; on the device machine the copy ../shared/gpu/stage.sh puts
-  in .gpu/bench/) run by this command on the same card: its Flax step, and torchvision
-  (eager; torch.compile for resnet50) where torch imports and sees a GPU. ms/step, img/s,
-  MFU, compile time, and the ratio to each reference. Each measurement is a process of its
-  own (`python -m experiments.benchmark ...`, `python reference.py ...`), one at a time.
-- e2e: resnet56 on the real CIFAR-10 (--data, an .npz) with pad-crop-flip augmentation and an
+  resnet20 (128) and resnet56 (1024), each beside the plain reference steps of
+  experiments/reference.py run by this command on the same card: its Flax step, and
+  torchvision (eager; torch.compile for resnet50) where torch imports and sees a GPU. ms/step,
+  img/s, MFU, compile time, and the ratio to each reference. Each measurement is a process of
+  its own (`python -m experiments.benchmark ...`, `python experiments/reference.py ...`), one
+  at a time.
+- e2e: resnet56 on the real CIFAR-10 (--data, an .npz: `python -m resnet_jax.data.cifar_npz`) with pad-crop-flip augmentation and an
   exact evaluation of test and test_exact every epoch, 3 epochs, once per steps-per-dispatch
   value (--e2e_dispatch; a chunk ends early at a log or evaluation, as in any run):
   end-to-end img/s as a percentage of the synthetic rate, and the time
@@ -35,7 +35,7 @@ measurements are kept, stopped runs resume). DIR/results.json holds every number
 the versions, the date and the command of each invocation; DIR/summary.md the tables.
 
 --tiny: every part on CPU in well under 2 minutes (resnet8 on 16 px synthetic images, a few
-steps; the reference still runs its smallest net, r20): checks the plumbing, measures nothing
+steps; the reference runs its r8): checks the plumbing, measures nothing
 worth quoting.
 """
 
@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from absl import flags
 
 from . import calibration as calibration_lib
-from experiments import runs
+from . import runs
 from .runs import machine, records, supervise
 from resnet_jax import cli
 from resnet_jax.errors import PREEMPTED_EXIT, Preempted, UserError
@@ -63,11 +63,8 @@ from resnet_jax.errors import PREEMPTED_EXIT, Preempted, UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("calibrate", "bench", "e2e", "degradation")
 DEFAULT_PARTS = ("bench", "e2e", "degradation")
-# Where the reference benchmark is: beside the checkout here, or where stage.sh copies it.
-REFERENCE_PATHS = (os.path.join(ROOT, "..", "shared", "bench", "reference.py"),
-                   os.path.join(ROOT, ".gpu", "bench", "reference.py"))
-# Where CIFAR-10 is: assembled by .gpu/setup_device.sh on the device machine, or here.
-DATA_PATHS = ("/tmp/data/cifar10.npz", os.path.join(ROOT, "..", "shared", "data", "cifar10", "cifar10.npz"))
+# The plain Flax and torchvision steps the bench compares against, run as a script.
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py")
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "Folder for results.json, summary.md, logs/ and the runs' workdirs.",
@@ -78,10 +75,10 @@ flags.DEFINE_integer("budget_s", 480, "Seconds this invocation may take; it stop
                      flag_values=FLAGS)
 flags.DEFINE_bool("tiny", False, "Every part on CPU in well under 2 minutes (tiny nets, synthetic data).",
                   flag_values=FLAGS)
-flags.DEFINE_string("reference", "", "reference.py (default: ../shared/bench/reference.py, else "
-                    ".gpu/bench/reference.py).", flag_values=FLAGS)
-flags.DEFINE_string("data", "", "CIFAR-10 .npz for e2e and degradation (default: /tmp/data/cifar10.npz, else "
-                    "../shared/data/cifar10/cifar10.npz).", flag_values=FLAGS)
+flags.DEFINE_string("reference", "", "Another reference script with experiments/reference.py's arguments and "
+                    "RESULT line (default: experiments/reference.py).", flag_values=FLAGS)
+flags.DEFINE_string("data", "", "CIFAR-10 .npz for e2e and degradation (python -m resnet_jax.data.cifar_npz "
+                    "makes one); without it those parts are left for later.", flag_values=FLAGS)
 flags.DEFINE_list("e2e_dispatch", ["1", "8", "65"], "e2e: train.steps_per_dispatch values to run (0: auto; 8 is "
                   "resnet_jax/config.py's assumed accelerator value; 65 divides the 130-step log period).",
                   flag_values=FLAGS)
@@ -101,7 +98,7 @@ class Bench:
     model: str
     batch: int
     image_size: int
-    ref_model: str  # reference.py's name: r50, r56, r20
+    ref_model: str  # experiments/reference.py's name: r50, r56, r20, r8
 
     @property
     def key(self) -> str:
@@ -110,8 +107,8 @@ class Bench:
 
 BENCHES = (Bench("resnet50", 256, 224, "r50"), Bench("resnet56", 128, 32, "r56"), Bench("resnet20", 128, 32, "r20"),
            Bench("resnet56", 1024, 32, "r56"))
-# The reference knows no resnet8: in --tiny the ratio checks the plumbing, not speed.
-TINY_BENCHES = (Bench("resnet8", 16, 16, "r20"),)
+# In --tiny the ratio checks the plumbing, not speed (the reference's r8 is on 32 px images).
+TINY_BENCHES = (Bench("resnet8", 16, 16, "r8"),)
 E2E_EPOCHS = 3
 E2E_LOG_EVERY = 130  # 390 steps an epoch at batch 128: 3 windows an epoch
 
@@ -203,11 +200,11 @@ class Suite:
         rows = os.path.join(self.out, "logs", key.replace("/", "__") + ".jsonl")
         if os.path.exists(rows):
             os.remove(rows)
-        command = [sys.executable, "-m", "experiments.benchmark", f"--model={bench.model}", f"--batch={bench.batch}",
+        command = [sys.executable, "-m", f"{__package__}.benchmark", f"--model={bench.model}", f"--batch={bench.batch}",
                    f"--image_size={bench.image_size}", "--dtype=bfloat16", f"--steps={steps}", f"--warmup={warmup}",
                    "--data=synthetic", f"--json={rows}"]
         proc = self.spawn(command, key, deadline)
-        record = {"command": shlex.join(["python", *command[1:]]), **proc}
+        record = {"command": shlex.join(["python", *command[1:]]).replace(self.out + os.sep, "DIR/"), **proc}
         row = runs.read_json(rows) if proc["code"] == 0 else None
         if row:
             record.update({k: row.get(k) for k in ("ms_per_step", "images_per_sec", "compile_s", "tflops_per_sec",
@@ -308,7 +305,7 @@ class Suite:
                 "wall_window_steps": [s0, s1], "evaluations": [step for step, _ in evals]}
 
     def degradation_runs(self) -> list[runs.RunSpec]:
-        from experiments import degradation
+        from . import degradation
 
         if self.tiny:
             planned = degradation.plan("smoke", [8], 1, None)
@@ -422,7 +419,8 @@ class Suite:
                   f"{self.budget_s:.0f} s; out {self.out}", flush=True)
             if not self.tiny and machine["backend"] == "cpu":
                 print("note: no accelerator here: the numbers are CPU numbers (use --tiny for a smoke run)", flush=True)
-            self.results["reference"] = {"path": self.reference, "torch_gpu": machine.get("torch_gpu")}
+            shown = os.path.relpath(self.reference, ROOT) if self.reference.startswith(ROOT + os.sep) else self.reference
+            self.results["reference"] = {"path": shown, "torch_gpu": machine.get("torch_gpu")}
             left = []
             tasks = self.tasks(parts, machine.get("torch_gpu"))
             batch = None  # the degradation runs: trained together, up to --concurrent at once
@@ -485,7 +483,7 @@ class Suite:
         write_summary(os.path.join(self.out, "summary.md"), self.results)
 
     def degradation_summary(self) -> dict | None:
-        from experiments import degradation
+        from . import degradation
 
         rows = []
         for run in self.degradation_runs():
@@ -665,10 +663,6 @@ def write_summary(path: str, results: dict) -> None:
 # Entry point.
 
 
-def _first_file(paths: Sequence[str]) -> str:
-    return next((os.path.abspath(p) for p in paths if os.path.isfile(p)), "")
-
-
 def run(argv: Sequence[str]) -> int:
     if not FLAGS.out:
         raise UserError("--out is required")
@@ -676,18 +670,16 @@ def run(argv: Sequence[str]) -> int:
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise UserError(f"--parts: unknown part {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(PARTS)}")
-    reference = FLAGS.reference or _first_file(REFERENCE_PATHS)
+    reference = os.path.abspath(os.path.expanduser(FLAGS.reference)) if FLAGS.reference else REFERENCE
     if "bench" in parts and not os.path.isfile(reference):
-        raise UserError(f"--reference: no reference benchmark at {reference or ' or '.join(REFERENCE_PATHS)} "
-                        "(on the device machine: bash ../shared/gpu/stage.sh here, and carry .gpu/bench)")
+        raise UserError(f"--reference: file not found: {reference}")
     data = ""
     if not FLAGS.tiny and ({"e2e", "degradation"} & set(parts)):
         data = FLAGS.data and os.path.abspath(os.path.expanduser(FLAGS.data))
         if FLAGS.data and not os.path.isfile(data):
             raise UserError(f"--data: file not found: {data}")
-        data = data or _first_file(DATA_PATHS)
-        if not data:  # the device machine before all four parts arrived: bench alone still runs
-            print(f"note: no CIFAR-10 .npz (looked in {', '.join(DATA_PATHS)}; --data=PATH): e2e and "
+        if not data:  # bench alone still runs
+            print("note: no --data=CIFAR10.npz (python -m resnet_jax.data.cifar_npz makes one): e2e and "
                   "degradation are left for later", flush=True)
     # Bad --bench / --e2e_dispatch / --concurrent / calibration.json: before anything runs.
     benches, dispatch = selected_benches(FLAGS.tiny, FLAGS.bench), dispatch_values(FLAGS.tiny, FLAGS.e2e_dispatch)

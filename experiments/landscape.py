@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from experiments import analysis_common as common
+from . import analysis_common as common
 from resnet_jax.errors import UserError
 
 FLAGS = flags.FlagValues()  # the module's own: the analyses can share a process (tests)

@@ -2,7 +2,7 @@
 
     python -m experiments.skip_ablation --workdir=runs/ablation                   # paper
     python -m experiments.skip_ablation --workdir=runs/ablation_short --schedule=short \\
-        --data=npz:../shared/data/cifar10/cifar10.npz
+        --data=npz:cifar10.npz     # python -m resnet_jax.data.cifar_npz makes it
     python -m experiments.skip_ablation --workdir=/tmp/abl --schedule=smoke --study=gradient_flow
 
 Studies (--study, comma separated; all by default). The trained ones are ResNet-`--depth` runs
@@ -47,7 +47,7 @@ from typing import Any
 
 from absl import flags
 
-from experiments import runs
+from . import runs
 from resnet_jax import cli
 from resnet_jax.errors import PREEMPTED_EXIT, UserError
 
@@ -110,7 +110,7 @@ def probe_batch(data=None, batch: int = 128):
     """`batch` normalised training images and labels, as the trainer normalises them: the
     first images of `data.train_split` (a config's data section; None: random 32x32 images).
     Returns (float32 [B,H,W,C], int32 [B])."""
-    from experiments import analysis_common
+    from . import analysis_common
 
     if data is None:
         data = runs.make_run("probe", "resnet20,synthetic").config().data
