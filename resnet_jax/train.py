@@ -29,6 +29,7 @@ from resnet_jax.parallel import AXIS, Parallel
 from resnet_jax.reporting import Reporter
 
 NO_NONFINITE_STEP = np.iinfo(np.int32).max
+DEPTH_STREAM = 2**31 - 1  # folded into a step's dropout key for stochastic depth; never a device index
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -52,7 +53,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
     return models.create(
         m.name, num_classes=config.data.num_classes, family=m.family or None, shortcut=m.shortcut,
         zero_init_residual=m.zero_init_residual, bottleneck_stride=m.bottleneck_stride, dtype=m.dtype,
-        dropout_rate=m.dropout_rate, bn_axis_name=bn_axis_name,
+        dropout_rate=m.dropout_rate, bn_axis_name=bn_axis_name, **config_lib.model_options(m),
     )
 
 
@@ -75,7 +76,8 @@ def abstract_variables(config: ml_collections.ConfigDict, image_shape: tuple[int
 # Per-device steps.
 
 
-def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model, tx, bn_sync: bool):
+def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model, tx, bn_sync: bool,
+               depth_key: jax.Array | None = None):
     """One SGD step on this device's part of the batch; gradients averaged over "data".
 
     With sync BN the model normalises over the global batch itself (its BN layers pmean
@@ -90,7 +92,7 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
     def loss_fn(params):
         logits, updated = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-            mutable=["batch_stats"], rngs={"dropout": dropout_key},
+            mutable=["batch_stats"], rngs={"dropout": dropout_key, "depth": dropout_key if depth_key is None else depth_key},
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, (logits, updated["batch_stats"])
@@ -169,9 +171,11 @@ class Trainer:
     def step_and_accumulate(self, state: TrainState, batch: dict, acc: dict):
         """The per-device step the pipelines run: keys from (seed, step), metrics summed."""
         _, dropout_key = pipeline.step_keys(self.config.train.seed, state.step)
+        # Stochastic depth drops a block for the global batch: its key is the same on every device.
+        depth_key = jax.random.fold_in(dropout_key, DEPTH_STREAM)
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
         new_state, metrics = train_step(state, batch, dropout_key, model=self.model, tx=self.tx,
-                                        bn_sync=self.config.model.bn_sync)
+                                        bn_sync=self.config.model.bn_sync, depth_key=depth_key)
         return new_state, accumulate(acc, metrics, state.step)
 
     def evaluate_step(self, state: TrainState, batch: dict) -> dict:
