@@ -61,7 +61,7 @@ def test_recipes_validate(config):
     ({"model.gate_bias": -5.0, "model.shortcut_variant": "conv1x1"}, 1,
      "model.gate_bias=-5.0 is only read by model.shortcut_variant=exclusive_gating|shortcut_gating, not conv1x1"),
     ({"model.shortcut_dropout": 0.1}, 1, "model.shortcut_dropout=0.1 is only read by model.shortcut_variant=dropout"),
-    ({"model.stochastic_depth_mode": "example"}, 1, "needs model.stochastic_depth > 0"),
+    ({"model.stochastic_depth_mode": "example"}, 1, "model.stochastic_depth_mode=example needs model.stochastic_depth > 0"),
     ({"model.stochastic_depth": 0.5, "model.name": "plain20"}, 1, "stochastic_depth drops residual branches"),
     ({"model.activation_order": "full"}, 1, "unknown activation_order 'full'; choose from original"),
     ({"model.shortcut_variant": "scaling", "model.name": "preresnet20"}, 1, "shortcut_variant=scaling is an ablation of the original unit"),

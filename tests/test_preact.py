@@ -97,6 +97,19 @@ def test_preact_structure():
     assert tree(models.create("resnet20", activation_order="full_preact")) == tree(models.create("preresnet20"))
 
 
+def test_first_preact_unit_normalises_before_splitting():
+    """He et al. 2016, Sec. 4.1: the first unit's BN + ReLU comes before the split, so with
+    F = 0 (zero-init) the first unit outputs ReLU(BN(stem)), not the raw stem output; a later
+    identity unit passes its input through untouched."""
+    model = models.create("preresnet14", zero_init_residual=True)
+    variables = model.init(jax.random.PRNGKey(0), IMAGES, train=False)
+    _, state = model.apply(variables, IMAGES, train=False, mutable=["intermediates"])
+    inter = {k: np.asarray(v[0]) for k, v in state["intermediates"].items()}
+    np.testing.assert_allclose(inter["stage1"], np.maximum(inter["stem"], 0) / np.sqrt(1 + 1e-5), rtol=1e-6,
+                               atol=1e-6)
+    assert inter["stem"].min() < 0
+
+
 @pytest.mark.parametrize("name,family", [("preresnet110", "cifar"), ("preresnet1001", "cifar"),
                                          ("resnetv2_50", "imagenet"), ("plainv2_18", "imagenet")])
 def test_preact_families(name, family):
@@ -386,10 +399,10 @@ def test_whole_net_with_survival_near_one_is_the_normal_training_forward_bitwise
                                                                        stochastic_depth_mode=mode)), run(model)))
 
 
-def _kept_blocks(model, variables, key):
+def _kept_blocks(model, variables, key, images=IMAGES):
     """Which of resnet8's three blocks kept F in one training forward pass (each stage holds
     one block; a dropped block outputs ReLU(h(x)), with option A's h)."""
-    _, state = model.apply(variables, IMAGES, train=True, mutable=["batch_stats", "intermediates"],
+    _, state = model.apply(variables, images, train=True, mutable=["batch_stats", "intermediates"],
                            rngs={"depth": key, "dropout": key})
     inter = {k: v[0] for k, v in state["intermediates"].items()}
     inputs = [inter["stem"], inter["stage1"], inter["stage2"]]
@@ -474,3 +487,38 @@ def test_stochastic_depth_composes_with_drop_blocks():
     variables = model.init(jax.random.PRNGKey(0), IMAGES, train=False)
     kept = np.asarray(jax.vmap(lambda k: _kept_blocks(model, variables, k))(jax.random.split(jax.random.PRNGKey(7), 40)))
     assert not kept[:, 1].any() and kept[:, 0].any() and kept[:, 2].any()
+
+
+# ---------------------------------------------------------------------------------------
+# Stochastic depth in the trainer: its draws are a function of (seed, step).
+
+
+def test_resume_across_dropped_blocks_is_bitwise(tmp_path):
+    """20 steps straight vs 10 + resume to 20, with blocks dropped in the resumed part; and
+    the drops really happen in training (the run differs from one without them)."""
+    from resnet_jax import train
+    from resnet_jax.data import pipeline
+    from tests.helpers import restore_state, run_main, tree_equal
+
+    common = {"optim.schedule": "constant", "train.checkpoint_every": 5, "model.stochastic_depth": 0.5}
+    # Which blocks the trainer drops at steps 10..19 (the draw depends on the key and the
+    # block, not on the weights): some must be, or the resume crosses none.
+    model = models.create("resnet8", stochastic_depth=0.5)
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    dropped = []
+    for step in range(10, 20):
+        key = jax.random.fold_in(pipeline.step_keys(0, jnp.int32(step))[1], train.DEPTH_STREAM)
+        dropped.append(~np.asarray(_kept_blocks(model, variables, key, images)))
+    assert np.any(dropped)
+
+    run_main(tmp_path / "straight", common)
+    run_main(tmp_path / "resumed", {**common, "train.total_steps": 10})
+    second = run_main(tmp_path / "resumed", common)
+    assert "resuming at step 10" in second.stdout
+    straight, _ = restore_state(tmp_path / "straight")
+    resumed, step = restore_state(tmp_path / "resumed")
+    assert step == 20 and tree_equal(straight, resumed)
+    run_main(tmp_path / "without", {**common, "model.stochastic_depth": 0.0})
+    without, _ = restore_state(tmp_path / "without")
+    assert not tree_equal(straight.params, without.params)
