@@ -4,6 +4,7 @@
     python -m experiments.degradation --workdir=runs/degradation_short --schedule=short \\
         --depths=20,56 --data=npz:../shared/data/cifar10/cifar10.npz
     python -m experiments.degradation --workdir=/tmp/deg_smoke --schedule=smoke    # < 1 min
+    python -m experiments.degradation --workdir=runs/degradation_preact --family=preact   # v2 nets
 
 Trains plain-d and ResNet-d for every depth d and seed, one workdir each (WORKDIR/plain20_seed0,
 WORKDIR/resnet20_seed0, ...). Each run is the configs/cifar.py variant
@@ -48,15 +49,21 @@ DEFAULT_DEPTHS = {"paper": (20, 32, 44, 56), "gpu": (20, 56), "short": (20, 56),
 
 FLAGS = flags.FlagValues()
 runs.define_flags(FLAGS, DEFAULT_DEPTHS)
+flags.DEFINE_enum("family", "v1", ["v1", "preact"], "v1: He et al. 2015's nets; preact: their pre-activation "
+                  "twins (preplain/preresnet, He et al. 2016).", flag_values=FLAGS)
+# He et al. 2016, Table 2 (CIFAR-10 test error, %): the pre-activation ResNet-110 and -164.
+PREACT_PAPER_TEST_ERROR = {("resnet", 110): (6.37, "He et al. 2016, Table 2"),
+                           ("resnet", 164): (5.46, "He et al. 2016, Table 2")}
 flags.DEFINE_list("depths", None, "CIFAR depths 6n+2, comma separated (default: paper 20,32,44,56; gpu and "
                   "short 20,56; smoke 8,14).", flag_values=FLAGS)
 
 
-def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None) -> list[runs.Run]:
+def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None, family: str = "v1") -> list[runs.Run]:
     """plain-d and ResNet-d for every depth and seed, as configs/cifar.py variants."""
     source, overrides = runs.parse_data(data)
     suffix = f",{schedule}" + (f",{source}" if source else "")
-    return [runs.make_run(f"{kind}{depth}_seed{seed}", f"{kind}{depth}{suffix}",
+    pre = "pre" if family == "preact" else ""
+    return [runs.make_run(f"{pre}{kind}{depth}_seed{seed}", f"{pre}{kind}{depth}{suffix}",
                           {**overrides, **({"train.seed": seed} if seed else {})}, type=kind, depth=depth)
             for depth in depths for kind in ("plain", "resnet") for seed in range(seeds)]
 
@@ -117,7 +124,8 @@ def write_table(path: str, rows: list[dict], schedule: str, data: str, command: 
     for kind, depth in sorted({(r["type"], r["depth"]) for r in rows}, key=lambda k: (k[0] != "plain", k[1])):
         members = [r for r in rows if r["type"] == kind and r["depth"] == depth and not r.get("failed")]
         failed = [r for r in rows if r["type"] == kind and r["depth"] == depth and r.get("failed")]
-        paper = PAPER_TEST_ERROR.get((kind, depth))
+        paper = (PREACT_PAPER_TEST_ERROR if members and members[0]["model"].startswith("pre") else
+                 PAPER_TEST_ERROR).get((kind, depth))
         cells = [f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}", str(depth),
                  f"{len(members)}" + (f" (+{len(failed)} diverged)" if failed else ""),
                  "/".join(sorted({str(r["steps"]) for r in members})) or "—",
@@ -143,9 +151,10 @@ def run_experiment(argv: Sequence[str], log: Callable[[str], None] = print) -> l
     """Trains what is missing, then writes fig6.png, table.md and results.json."""
     schedule, seeds = FLAGS.schedule, FLAGS.seeds
     depths = runs.parse_depths(FLAGS.depths, DEFAULT_DEPTHS[schedule])
-    planned = plan(schedule, depths, seeds, FLAGS.data)  # bad --data fails here, before JAX loads
+    planned = plan(schedule, depths, seeds, FLAGS.data, FLAGS.family)  # bad --data fails here, before JAX loads
     workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-    runs.check_experiment(workdir, {"experiment": "degradation", "schedule": schedule, "data": FLAGS.data or ""})
+    runs.check_experiment(workdir, {"experiment": "degradation", "schedule": schedule, "data": FLAGS.data or "",
+                                    **({"family": "preact"} if FLAGS.family == "preact" else {})})
     started, start = datetime.datetime.now().isoformat(timespec="seconds"), time.time()
     machine_line = runs.machine()
     log(f"degradation: {schedule} schedule, depths {depths}, {seeds} seed(s), data {FLAGS.data or 'default'}; "
