@@ -72,3 +72,16 @@ def test_activations_smoke_end_to_end_and_resume(tmp_path):
     bad = subprocess.run(command[:-1] + [f"--workdir={tmp_path / 'x'}", "--depth=164", "--table=shortcuts"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error: --table=shortcuts is Table 1" in bad.stderr
+
+
+@pytest.mark.parametrize("name,overrides", [("preresnet8", {}), ("resnet8", {"stochastic_depth": 0.5}),
+                                            ("resnet8", {"shortcut_variant": "shortcut_gating"})])
+def test_gradient_flow_probe_takes_the_new_nets(name, overrides):
+    import numpy as np
+
+    from experiments import skip_ablation
+
+    images, labels = skip_ablation.probe_batch(None, 4)
+    profile = skip_ablation.gradient_profile(name, images, labels, seed=1, **overrides)
+    assert len(profile["grad_norms"]) == len(profile["layers"]) > 0
+    assert np.all(np.isfinite(profile["grad_norms"]))

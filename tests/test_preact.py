@@ -400,18 +400,13 @@ def test_whole_net_with_survival_near_one_is_the_normal_training_forward_bitwise
 
 
 def _kept_blocks(model, variables, key, images=IMAGES):
-    """Which of resnet8's three blocks kept F in one training forward pass (each stage holds
-    one block; a dropped block outputs ReLU(h(x)), with option A's h)."""
-    _, state = model.apply(variables, images, train=True, mutable=["batch_stats", "intermediates"],
-                           rngs={"depth": key, "dropout": key})
-    inter = {k: v[0] for k, v in state["intermediates"].items()}
-    inputs = [inter["stem"], inter["stage1"], inter["stage2"]]
-    kept = []
-    for x, name, out_channels in zip(inputs, ("stage1", "stage2", "stage3"), (16, 32, 64)):
-        strides = 1 if name == "stage1" else 2
-        h = nn.relu(blocks.shortcut(x, out_channels, strides, "A", None, None))
-        kept.append(~jnp.all(h == inter[name]))
-    return jnp.stack(kept)
+    """Which blocks computed F in one training step: a dropped F is not computed at all (as
+    in the authors' Torch code), so its BN statistics stay as they were."""
+    _, state = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"depth": key, "dropout": key})
+    # (A deleted block's branch is not even created: no statistics of it come back.)
+    return jnp.stack([name in state["batch_stats"] and ~jnp.array_equal(
+        state["batch_stats"][name]["bn1"]["mean"], variables["batch_stats"][name]["bn1"]["mean"])
+        for name in model.block_names()])
 
 
 def test_empirical_survival_matches_probability():
@@ -504,7 +499,7 @@ def test_resume_across_dropped_blocks_is_bitwise(tmp_path):
     # Which blocks the trainer drops at steps 10..19 (the draw depends on the key and the
     # block, not on the weights): some must be, or the resume crosses none.
     model = models.create("resnet8", stochastic_depth=0.5)
-    images = np.zeros((2, 8, 8, 3), np.float32)
+    images = IMAGES
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
     dropped = []
     for step in range(10, 20):
@@ -522,3 +517,23 @@ def test_resume_across_dropped_blocks_is_bitwise(tmp_path):
     run_main(tmp_path / "without", {**common, "model.stochastic_depth": 0.0})
     without, _ = restore_state(tmp_path / "without")
     assert not tree_equal(straight.params, without.params)
+
+
+@pytest.mark.parametrize("name,block,last_conv", [("preresnet14", 1, "conv2"), ("preresnet14", 3, "conv2"),
+                                                  ("resnet14", 1, "conv2")])
+def test_deleted_block_is_the_unit_with_f_taken_out(name, block, last_conv):
+    """drop_blocks (the lesion) on any ordering: the unit with F = 0, i.e. the net whose
+    block has its last convolution zeroed (for pre-activation: F's last layer is a conv)."""
+    model = models.create(name, zero_init_residual=False)
+    if not name.startswith("pre"):
+        model, last_conv = model.clone(activation_order="relu_before_add"), "conv2"
+    variables = model.init(jax.random.PRNGKey(0), IMAGES, train=False)
+    block_name = model.block_names()[block]
+    params = jax.tree.map(lambda x: x, variables["params"])
+    params[block_name] = dict(params[block_name])
+    params[block_name][last_conv] = {"kernel": jnp.zeros_like(params[block_name][last_conv]["kernel"])}
+    zeroed = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, IMAGES, train=False)
+    deleted = model.clone(drop_blocks=(block,)).apply(variables, IMAGES, train=False)
+    full = model.apply(variables, IMAGES, train=False)
+    np.testing.assert_allclose(deleted, zeroed, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(deleted, full, atol=1e-4)

@@ -230,6 +230,11 @@ class _ResidualUnit(nn.Module):
         # same on every device; a dropped F is not computed at all (lax.cond), so, as in the
         # authors' Torch code, its BN statistics are not updated and it costs no time.
         keep = jax.random.bernoulli(self.make_rng("depth"), survival)
+        if self.is_mutable_collection("intermediates"):
+            # An analysis capturing intermediates (the gradient-flow probe): lax.cond cannot
+            # return them from one branch only, so F is computed and masked (its BN
+            # statistics then update even when dropped; the trainer captures none).
+            return jnp.where(keep, self._residual(branch_in), jnp.zeros_like(h))
         return nn.cond(keep, lambda mdl, v: mdl._residual(v), lambda mdl, v: jnp.zeros_like(h), self, branch_in)
 
 
