@@ -58,7 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Huang et al. 2016: 1 - p_L, the last block's drop probability (the paper: p_L = 0.5);
     # block l of L survives with p_l = 1 - l/L (1 - p_L). 0 = off.
     model.stochastic_depth = 0.0
-    model.stochastic_depth_mode = "batch"  # batch (the paper) | example (timm's drop_path)
+    # batch: the paper's, and the default: one draw per block for the global batch (the same
+    # on every device), so a dropped block is skipped (lax.cond): no compute, BN statistics
+    # untouched, as in the authors' Torch code. example: timm's drop_path, per example.
+    model.stochastic_depth_mode = "batch"
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "tfds"  # tfds | npz | digits | synthetic

@@ -84,6 +84,9 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
     their statistics); otherwise each device normalises alone, like the paper's per-GPU BN,
     and the running statistics are averaged here so every replica holds the same state.
 
+    `depth_key` is stochastic depth's key, the same on every device (the trainer derives it
+    from (seed, step)); None uses `dropout_key` (single-device callers).
+
     Returns:
       The new state, and the step's metrics over the global batch: a dict whose every entry
       is averaged over the steps between two logs (a new metric is one line here).
