@@ -89,9 +89,10 @@ class Checkpoints:
         return state, restored.meta, candidate
 
     def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
-        """Restores only {"params", "batch_stats"} (no optimiser state) and meta."""
+        """Restores only {"params", "batch_stats"} (no optimiser state) and meta. For reading
+        a run, not resuming it: unreadable newer steps are skipped, never set aside."""
         args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore())
-        found = self._restore(args, step)
+        found = self._restore(args, step, set_aside=False)
         if found is None:
             return None
         restored, candidate = found
@@ -104,7 +105,7 @@ class Checkpoints:
         except Exception:  # noqa: BLE001 -- corrupt or partial; the caller tries an older one
             return None
 
-    def _restore(self, args, step: int | None):
+    def _restore(self, args, step: int | None, set_aside: bool = True):
         steps = self.steps()
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
@@ -118,7 +119,7 @@ class Checkpoints:
                       f"({type(error).__name__}: {reason}); trying the one before")
                 unreadable.append(candidate)
                 continue
-            if step is None:
+            if step is None and set_aside:
                 self._set_aside(unreadable)
             return restored, candidate
         if steps:

@@ -45,7 +45,7 @@ class Reporter:
         self.plain = not (progress and on_terminal())
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # protobuf and more: only when events are written
 
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
