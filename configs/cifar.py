@@ -6,8 +6,18 @@
     python -m resnet_jax.main --config=cifar:plain56,short,npz --config.data.path=cifar10.npz --workdir=runs/p56_short
 
 The variant is "<model>[,<option>...]": the model (resnet20 ... resnet1202, plain20 ...
-plain110, any depth 6n+2), then in any order at most one dataset (cifar10, cifar100), one
-schedule (paper, gpu_paper, short, smoke, gpu) and one data source (tfds, npz, synthetic); see VARIANTS.
+plain110, any depth 6n+2; pre-activation preresnet110, preresnet164, preresnet1001 and their
+plain twins preplain<depth>), then in any order at most one dataset (cifar10, cifar100), one
+schedule (paper, gpu_paper, short, smoke, gpu), one data source (tfds, npz, synthetic) and `sd`
+(stochastic depth, Huang et al.: p_L = 0.5, linear decay); see VARIANTS.
+
+    python -m resnet_jax.main --config=cifar:preresnet164 --workdir=runs/pre164
+    python -m resnet_jax.main --config=cifar:resnet110,sd --workdir=runs/r110sd
+
+He et al. 2016 (Identity Mappings), Table 2/3: ResNet-110 6.61 % -> pre-activation 6.37 %,
+ResNet-164 5.93 % -> 5.46 %, ResNet-1001 4.92 % (CIFAR-10, the same recipe; the 1000-layer
+nets in the authors' code train with batch 64). Huang et al.: ResNet-110 with stochastic
+depth 5.25 % (their 500-epoch schedule, not this one).
 Every run of experiments/degradation.py and experiments/skip_ablation.py is one of these,
 so each cell of their tables reproduces with the command they print.
 
@@ -93,7 +103,11 @@ VARIANTS = {
     "cifar10 | cifar100": "the dataset (default cifar10)",
     **{name: schedule.summary for name, schedule in SCHEDULES.items()},
     "tfds | npz | synthetic": "the data source (default tfds); npz needs --config.data.path=FILE.npz",
+    "preresnet<depth>, preplain<depth>": "pre-activation nets (He et al. 2016): basic 6n+2 (preresnet110), "
+                                         "bottleneck 9n+2 from 164 (preresnet164, preresnet1001)",
+    "sd": "stochastic depth (Huang et al.): model.stochastic_depth=0.5, the last block kept with p_L = 0.5",
 }
+OPTIONS = ("sd",)
 
 
 def get_config(arg: str = "resnet20"):
@@ -101,12 +115,13 @@ def get_config(arg: str = "resnet20"):
     name, *options = [part.strip() for part in arg.split(",")]
     chosen = {"dataset": [o for o in options if o in DATASETS], "schedule": [o for o in options if o in SCHEDULES],
               "source": [o for o in options if o in SOURCES]}
-    unknown = [o for o in options if not any(o in group for group in chosen.values())]
+    unknown = [o for o in options if not any(o in group for group in chosen.values()) and o not in OPTIONS]
     if unknown and unknown[0].startswith("cifar"):
         raise ValueError(f"unknown CIFAR dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
     if unknown:
         raise ValueError(f"unknown CIFAR variant option {unknown[0]!r}; choose datasets from {', '.join(DATASETS)}, "
-                         f"schedules from {', '.join(SCHEDULES)}, sources from {', '.join(SOURCES)}")
+                         f"schedules from {', '.join(SCHEDULES)}, sources from {', '.join(SOURCES)}, or "
+                         f"{', '.join(OPTIONS)}")
     for kind, values in chosen.items():
         if len(values) > 1:
             raise ValueError(f"more than one {kind} in the CIFAR variant {arg!r}: {', '.join(values)}")
@@ -117,6 +132,11 @@ def get_config(arg: str = "resnet20"):
     config.data.name = dataset
     config.data.num_classes = DATASETS[dataset]
     depth = int("".join(c for c in name if c.isdigit()) or 0)
+    if name.startswith("pre") and depth >= 164 and (depth - 2) % 9 == 0:
+        # resnet-pre-act.lua: projection shortcuts where the shape changes, stride on the first 1x1.
+        config.model.shortcut, config.model.bottleneck_stride = "B", "v1"
+    if "sd" in options:
+        config.model.stochastic_depth = 0.5  # Huang et al.: p_L = 0.5
     if depth >= 110:  # "0.01 to warm up the training until the training error is below 80%"
         config.optim.warmup_steps = 400
         config.optim.warmup = "constant"

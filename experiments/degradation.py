@@ -4,6 +4,7 @@
     python -m experiments.degradation --workdir=runs/degradation_short --schedule=short \\
         --depths=20,56 --data=npz:cifar10.npz   # python -m resnet_jax.data.cifar_npz makes it
     python -m experiments.degradation --workdir=/tmp/deg_smoke --schedule=smoke    # < 1 min
+    python -m experiments.degradation --workdir=runs/degradation_preact --family=preact   # v2 nets
 
 Trains plain-d and ResNet-d for every depth d and seed, one workdir each (WORKDIR/plain20_seed0,
 WORKDIR/resnet20_seed0, ...). Each run is the configs/cifar.py variant
@@ -60,16 +61,24 @@ DEFAULT_DEPTHS = {"paper": (20, 32, 44, 56), "gpu_paper": (20, 56), "gpu": (20, 
 
 FLAGS = flags.FlagValues()
 runs.define_flags(FLAGS, DEFAULT_DEPTHS)
+flags.DEFINE_enum("family", "v1", ["v1", "preact"], "v1: He et al. 2015's nets; preact: their pre-activation "
+                  "twins (preplain/preresnet, He et al. 2016).", flag_values=FLAGS)
+# He et al. 2016, Table 2 (CIFAR-10 test error, %): the pre-activation ResNet-110 and -164.
+PREACT_PAPER_TEST_ERROR = {("resnet", 110): (6.37, "He et al. 2016, Table 2"),
+                           ("resnet", 164): (5.46, "He et al. 2016, Table 2")}
 flags.DEFINE_list("depths", None, "CIFAR depths 6n+2, comma separated (default: paper 20,32,44,56; gpu and "
                   "short 20,56; smoke 8,14).", flag_values=FLAGS)
 
 
-def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None) -> list[runs.RunSpec]:
-    """plain-d and ResNet-d for every depth and seed, as configs/cifar.py variants, seed by seed."""
+def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None,
+         family: str = "v1") -> list[runs.RunSpec]:
+    """plain-d and ResNet-d (pre-activation ones for family "preact") for every depth and
+    seed, as configs/cifar.py variants, seed by seed."""
     source, overrides = runs.parse_data(data)
     suffix = f",{schedule}" + (f",{source}" if source else "")
+    pre = "pre" if family == "preact" else ""
     # Seed-major: a budget that ends early leaves whole seeds of the study, not whole depths.
-    return [runs.make_run(f"{kind}{depth}_seed{seed}", f"{kind}{depth}{suffix}",
+    return [runs.make_run(f"{pre}{kind}{depth}_seed{seed}", f"{pre}{kind}{depth}{suffix}",
                           {**overrides, **({"train.seed": seed} if seed else {})}, type=kind, depth=depth)
             for seed in range(seeds) for depth in depths for kind in ("plain", "resnet")]
 
@@ -131,7 +140,8 @@ def write_table(path: str, rows: list[dict], schedule: str, data: str, command: 
     for kind, depth in sorted({(r["type"], r["depth"]) for r in rows}, key=lambda k: (k[0] != "plain", k[1])):
         members = [r for r in rows if r["type"] == kind and r["depth"] == depth and not r.get("failed")]
         failed = [r for r in rows if r["type"] == kind and r["depth"] == depth and r.get("failed")]
-        paper = PAPER_TEST_ERROR.get((kind, depth))
+        paper = (PREACT_PAPER_TEST_ERROR if members and members[0]["model"].startswith("pre") else
+                 PAPER_TEST_ERROR).get((kind, depth))
         cells = [f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}", str(depth),
                  f"{len(members)}" + (f" (+{len(failed)} diverged)" if failed else ""),
                  "/".join(sorted({str(r["steps"]) for r in members})) or "—",
@@ -158,24 +168,25 @@ def write_table(path: str, rows: list[dict], schedule: str, data: str, command: 
 
 
 def experiment_command(workdir: str, schedule: str, depths: Sequence[int], seeds: int, data: str | None,
-                       records: Sequence[str] = ()) -> str:
+                       records: Sequence[str] = (), family: str = "v1") -> str:
     """The command that builds this study (how its runs share the machine left out: the
     results do not depend on it)."""
     args = [f"--workdir={workdir}", f"--schedule={schedule}", f"--depths={','.join(map(str, depths))}",
             f"--seeds={seeds}", *([f"--data={data}"] if data else []),
-            *([f"--records={','.join(records)}"] if records else [])]
+            *([f"--records={','.join(records)}"] if records else []),
+            *(["--family=preact"] if family == "preact" else [])]
     return runs.command_line("experiments.degradation", ["", *args])
 
 
 def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[int] | None = None, seeds: int = 1,
-                   data: str | None = None, concurrent: int | str = 1, calibration: str = "", budget_s: float = 0,
+                   data: str | None = None, family: str = "v1", concurrent: int | str = 1, calibration: str = "", budget_s: float = 0,
                    records: Sequence[str] = (), log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
     """Trains what is not recorded yet (whole runs only, within `budget_s` when given), then
     writes fig6.png, table.md and results.json into `workdir` from the runs' records.
 
     Args:
       workdir: the experiment's folder (one workdir per run inside).
-      schedule, depths, seeds, data: which runs (see the module docstring).
+      schedule, depths, seeds, data, family: which runs (see the module docstring).
       concurrent: runs at once (or "auto", from `calibration`).
       calibration: calibration.json for "auto" and `budget_s`.
       budget_s: seconds of training this invocation may take (0: no limit).
@@ -186,11 +197,12 @@ def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[in
       (rows of results.json, {run name: why it is left for the next invocation}).
     """
     depths = runs.parse_depths([str(d) for d in depths] if depths else None, DEFAULT_DEPTHS[schedule])
-    planned = plan(schedule, depths, seeds, data)  # bad --data fails here, before JAX loads
+    planned = plan(schedule, depths, seeds, data, family)  # bad --data fails here, before JAX loads
     concurrent, calibrated = runs.sharing(str(concurrent), calibration, budget_s)
     records = runs.parse_records(records)
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    runs.check_experiment(workdir, {"experiment": "degradation", "schedule": schedule, "data": data or ""})
+    runs.check_experiment(workdir, {"experiment": "degradation", "schedule": schedule, "data": data or "",
+                                    **({"family": "preact"} if family == "preact" else {})})
     start = time.time()
     log(f"degradation: {schedule} schedule, depths {depths}, {seeds} seed(s), data {data or 'default'}, "
         f"{concurrent} at once")
@@ -205,7 +217,7 @@ def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[in
         plots.degradation_png(runs.figure_runs(rows), os.path.join(workdir, "fig6.png"),
                               title=f"plain vs residual nets on CIFAR-10 ({schedule} schedule; He et al. 2015, Fig. 6)")
         write_table(os.path.join(workdir, "table.md"), rows, schedule, data or "the schedule's default",
-                    experiment_command(workdir, schedule, depths, seeds, data, records), outcome.left)
+                    experiment_command(workdir, schedule, depths, seeds, data, records, family), outcome.left)
         runs.save_results(os.path.join(workdir, "results.json"), rows)
     minutes = (time.time() - start) / 60
     log(f"wrote {workdir}/fig6.png, table.md, results.json ({len(rows)} of {len(planned)} runs; this invocation "
@@ -220,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not FLAGS.workdir:
             raise UserError("--workdir is required")
         _, left = run_experiment(FLAGS.workdir, schedule=FLAGS.schedule, depths=FLAGS.depths, seeds=FLAGS.seeds,
-                                 data=FLAGS.data, concurrent=FLAGS.concurrent, calibration=FLAGS.calibration,
+                                 data=FLAGS.data, family=FLAGS.family, concurrent=FLAGS.concurrent, calibration=FLAGS.calibration,
                                  budget_s=FLAGS.budget_s, records=FLAGS.records or (),
                                  log=lambda line: print(line, flush=True))
     if left:

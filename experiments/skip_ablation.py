@@ -139,8 +139,10 @@ def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_ove
     @jax.jit
     def probe(params, batch_stats, images, labels):
         def loss_fn(params):
+            # Stochastic depth and shortcut dropout draw from the seed: one fixed training pass.
             logits, state = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                        mutable=["batch_stats", "intermediates"], capture_intermediates=is_conv)
+                                        mutable=["batch_stats", "intermediates"], capture_intermediates=is_conv,
+                                        rngs={"dropout": jax.random.PRNGKey(seed), "depth": jax.random.PRNGKey(seed)})
             loss = steps.cross_entropy(logits, labels).mean()
             return loss, state["intermediates"]
 

@@ -47,6 +47,23 @@ def default_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # compute dtype; parameters and BN statistics stay float32
     model.bn_sync = True  # False: each device normalises its own part (the paper's per-GPU BN)
     model.dropout_rate = 0.0
+    # He et al. 2016 ("Identity Mappings"): where BN and ReLU sit; "" = the name's own
+    # (original for resnet*/plain*, full_preact for preresnet*/preplain*/resnetv2_*).
+    model.activation_order = ""  # original | bn_after_add | relu_before_add | relu_preact | full_preact
+    # Its Table 1, on the original unit: identity (the shortcut option) | scaling |
+    # exclusive_gating | shortcut_gating | conv1x1 | dropout.
+    model.shortcut_variant = "identity"
+    model.shortcut_scale = 0.5  # scaling: lambda (Table 1 runs 0.5)
+    model.scale_on = "shortcut"  # scaling: shortcut | residual | both
+    model.gate_bias = -6.0  # the gatings: b_g's initial value (Table 1's best for both)
+    model.shortcut_dropout = 0.5  # dropout: the drop rate (Table 1)
+    # Huang et al. 2016: 1 - p_L, the last block's drop probability (the paper: p_L = 0.5);
+    # block l of L survives with p_l = 1 - l/L (1 - p_L). 0 = off.
+    model.stochastic_depth = 0.0
+    # batch: the paper's, and the default: one draw per block for the global batch (the same
+    # on every device), so a dropped block is skipped (lax.cond): no compute, BN statistics
+    # untouched, as in the authors' Torch code. example: timm's drop_path, per example.
+    model.stochastic_depth_mode = "batch"
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "tfds"  # tfds | npz | digits | synthetic
@@ -154,6 +171,32 @@ def optional_splits(spec: str) -> set[str]:
             if item.endswith("?")}
 
 
+_VARIANT_FIELDS = {"shortcut_scale": "scaling", "scale_on": "scaling", "gate_bias": "exclusive_gating|shortcut_gating",
+                   "shortcut_dropout": "dropout"}
+
+
+def model_options(model: ml_collections.ConfigDict) -> dict:
+    """The `models.create` overrides of He et al. 2016's and Huang et al.'s fields."""
+    options = dict(shortcut_variant=model.shortcut_variant, shortcut_scale=model.shortcut_scale,
+                   scale_on=model.scale_on, gate_bias=model.gate_bias, shortcut_dropout=model.shortcut_dropout,
+                   stochastic_depth=model.stochastic_depth, stochastic_depth_mode=model.stochastic_depth_mode)
+    if model.activation_order:
+        options["activation_order"] = model.activation_order
+    return options
+
+
+def _check_model_options(model: ml_collections.ConfigDict) -> None:
+    """A field that the chosen variant never reads, set to anything but its default, is a
+    run that does not do what its config says."""
+    defaults = default_config().model
+    for field, variants in _VARIANT_FIELDS.items():
+        if model[field] != defaults[field] and model.shortcut_variant not in variants.split("|"):
+            raise UserError(f"model.{field}={model[field]} is only read by model.shortcut_variant={variants}, "
+                            f"not {model.shortcut_variant}")
+    if model.stochastic_depth_mode != defaults.stochastic_depth_mode and not model.stochastic_depth:
+        raise UserError(f"model.stochastic_depth_mode={model.stochastic_depth_mode} needs model.stochastic_depth > 0")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises UserError (one clear line) for anything that would fail later."""
     model, data, train, optim = config.model, config.data, config.train, config.optim
@@ -161,9 +204,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         models.create(
             model.name, family=model.family or None, shortcut=model.shortcut,
             zero_init_residual=model.zero_init_residual, bottleneck_stride=model.bottleneck_stride,
+            **model_options(model),
         )
     except ValueError as error:
         raise UserError(str(error)) from None
+    _check_model_options(model)
     _choice(model.dtype, DTYPES, "model.dtype")
     _choice(data.source, SOURCES, "data.source")
     _choice(data.pipeline, PIPELINES, "data.pipeline")

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from resnet_jax import config as config_lib
 from resnet_jax import metrics as metrics_lib
 from resnet_jax import models
 from resnet_jax.parallel import AXIS
@@ -35,7 +36,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
     return models.create(
         m.name, num_classes=config.data.num_classes, family=m.family or None, shortcut=m.shortcut,
         zero_init_residual=m.zero_init_residual, bottleneck_stride=m.bottleneck_stride, dtype=m.dtype,
-        dropout_rate=m.dropout_rate, bn_axis_name=bn_axis_name,
+        dropout_rate=m.dropout_rate, bn_axis_name=bn_axis_name, **config_lib.model_options(m),
     )
 
 
@@ -60,8 +61,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def loss_and_grads(params: Any, batch_stats: Any, batch: dict, dropout_key: jax.Array, *, model):
+def loss_and_grads(params: Any, batch_stats: Any, batch: dict, dropout_key: jax.Array, *, model,
+                   depth_key: jax.Array | None = None):
     """The training forward pass (train-mode BN, dropout) and its gradients on `batch`.
+
+    `depth_key` is stochastic depth's key, the same on every device (the trainer derives it
+    from (seed, step)); None uses `dropout_key` (single-device callers).
 
     Returns:
       (mean loss, logits, updated BN statistics, gradients with respect to `params`).
@@ -70,7 +75,7 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: dict, dropout_key: jax.
     def loss_fn(params):
         logits, updated = model.apply(
             {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
-            mutable=["batch_stats"], rngs={"dropout": dropout_key},
+            mutable=["batch_stats"], rngs={"dropout": dropout_key, "depth": dropout_key if depth_key is None else depth_key},
         )
         return cross_entropy(logits, batch["label"]).mean(), (logits, updated["batch_stats"])
 
@@ -79,7 +84,7 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: dict, dropout_key: jax.
 
 
 def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model, tx, bn_sync: bool,
-               axis_name: str | None = AXIS):
+               axis_name: str | None = AXIS, depth_key: jax.Array | None = None):
     """One SGD step on this device's part of the batch; gradients averaged over `axis_name`.
 
     With sync BN the model normalises over the global batch itself (its BN layers pmean
@@ -92,7 +97,7 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
     """
     mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
     loss, logits, batch_stats, grads = loss_and_grads(state.params, state.batch_stats, batch, dropout_key,
-                                                      model=model)
+                                                      model=model, depth_key=depth_key)
     grads = mean(grads)
     if not bn_sync:
         batch_stats = mean(batch_stats)

@@ -24,6 +24,8 @@ from resnet_jax.parallel import AXIS, Parallel
 from resnet_jax.reporting import Reporter
 from resnet_jax.steps import TrainState, build_model, create_train_state
 
+DEPTH_STREAM = 2**31 - 1  # folded into a step's dropout key for stochastic depth; never a device index
+
 class Trainer:
     """What `train_and_evaluate` sets up once: data, model, optimiser, the mapped steps."""
 
@@ -52,9 +54,11 @@ class Trainer:
     def step_and_accumulate(self, state: TrainState, batch: dict, acc: dict):
         """The per-device step the pipelines run: keys from (seed, step), metrics summed."""
         _, dropout_key = pipeline.step_keys(self.config.train.seed, state.step)
+        # Stochastic depth drops a block for the global batch: its key is the same on every device.
+        depth_key = jax.random.fold_in(dropout_key, DEPTH_STREAM)
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
         new_state, metrics = steps.train_step(state, batch, dropout_key, model=self.model, tx=self.tx,
-                                              bn_sync=self.config.model.bn_sync)
+                                              bn_sync=self.config.model.bn_sync, depth_key=depth_key)
         return new_state, steps.accumulate(acc, metrics, state.step)
 
     def evaluate_step(self, state: TrainState, batch: dict) -> dict:

@@ -322,11 +322,11 @@ def test_every_registered_model_builds_with_expected_shapes(name):
     logits, variables = abstract_init(name, num_classes=num_classes)
     assert logits.shape == (2, num_classes) and logits.dtype == jnp.float32
     sown = {key: value[0].shape for key, value in variables["intermediates"].items()}
+    expansion = 4 if model.block_cls is models.Bottleneck else 1
     if model.stem == "cifar":
-        assert sown == {"stem": (2, 32, 32, 16), "stage1": (2, 32, 32, 16),
-                        "stage2": (2, 16, 16, 32), "stage3": (2, 8, 8, 64)}
+        assert sown == {"stem": (2, 32, 32, 16), "stage1": (2, 32, 32, 16 * expansion),
+                        "stage2": (2, 16, 16, 32 * expansion), "stage3": (2, 8, 8, 64 * expansion)}
     else:
-        expansion = 4 if model.block_cls is models.Bottleneck else 1
         assert sown == {"stem": (2, 56, 56, 64), "stage1": (2, 56, 56, 64 * expansion),
                         "stage2": (2, 28, 28, 128 * expansion), "stage3": (2, 14, 14, 256 * expansion),
                         "stage4": (2, 7, 7, 512 * expansion)}

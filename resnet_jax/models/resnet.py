@@ -8,7 +8,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.models.blocks import BOTTLENECK_STRIDES, SHORTCUT_OPTIONS, BasicBlock, Bottleneck
+from resnet_jax.models.blocks import (
+    ACTIVATION_ORDERS, BOTTLENECK_STRIDES, DEPTH_MODES, SCALE_ON, SHORTCUT_OPTIONS, SHORTCUT_VARIANTS, BasicBlock,
+    Bottleneck, Unit,
+)
 
 ModuleDef = Any
 
@@ -40,6 +43,15 @@ class ResNet(nn.Module):
         deleted plain block becomes the identity, which only shape-preserving plain blocks
         can (`deletable_blocks()`). The deleted blocks' parameters are ignored, so the full
         model's variables apply unchanged.
+      activation_order: where BN and ReLU sit in every unit (`blocks.ACTIVATION_ORDERS`).
+        "full_preact" is the pre-activation (v2) net: its stem is the convolution alone
+        (the first unit normalises it), and a final BN + ReLU precedes the pooling;
+        "relu_preact" ends with a ReLU. (He et al. 2016, Sec. 4.1 and Fig. 5.)
+      shortcut_variant, shortcut_scale, scale_on, gate_bias, shortcut_dropout: the shortcut
+        of every unit (`blocks.Unit`; He et al. 2016, Table 1), on the original unit.
+      stochastic_depth: 1 - p_L, the drop probability of the last block (0 = off); block
+        l of L survives with p_l = 1 - l/L (1 - p_L) (Huang et al., Eq. 4; p_L = 0.5 there).
+      stochastic_depth_mode: "batch" (the paper) or "example" (timm's drop_path).
     """
 
     stage_sizes: Sequence[int]
@@ -59,6 +71,14 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     act: Callable = nn.relu
     drop_blocks: Sequence[int] = ()
+    activation_order: str = "original"
+    shortcut_variant: str = "identity"
+    shortcut_scale: float = 1.0
+    scale_on: str = "shortcut"
+    gate_bias: float = -6.0
+    shortcut_dropout: float = 0.0
+    stochastic_depth: float = 0.0
+    stochastic_depth_mode: str = "batch"
 
     def __post_init__(self):
         if self.zero_init_residual and not self.skip:
@@ -74,8 +94,46 @@ class ResNet(nn.Module):
             )
         if self.stem not in ("cifar", "imagenet"):
             raise ValueError(f"unknown stem {self.stem!r}; choose from cifar, imagenet")
+        self._check_unit()
         self._check_drop_blocks()
         super().__post_init__()
+
+    def _check_unit(self) -> None:
+        for value, choices, field in ((self.activation_order, ACTIVATION_ORDERS, "activation_order"),
+                                      (self.shortcut_variant, SHORTCUT_VARIANTS, "shortcut_variant"),
+                                      (self.scale_on, SCALE_ON, "scale_on"),
+                                      (self.stochastic_depth_mode, DEPTH_MODES, "stochastic_depth_mode")):
+            if value not in choices:
+                raise ValueError(f"unknown {field} {value!r}; choose from {', '.join(choices)}")
+        if self.shortcut_variant != "identity" and not self.skip:
+            raise ValueError(f"shortcut_variant={self.shortcut_variant} needs skip connections: a plain net has no "
+                             "shortcut")
+        if self.shortcut_variant != "identity" and self.activation_order != "original":
+            raise ValueError(f"shortcut_variant={self.shortcut_variant} is an ablation of the original unit "
+                             f"(He et al. 2016, Table 1); activation_order={self.activation_order} is not it")
+        if self.shortcut_variant == "conv1x1" and self.shortcut != "A":
+            raise ValueError(f"shortcut_variant=conv1x1 puts a 1x1 conv on every shortcut; shortcut={self.shortcut} "
+                             "would be ignored (use shortcut A)")
+        if self.zero_init_residual and self.activation_order == "bn_after_add":
+            raise ValueError("zero_init_residual zeroes the last BN of each residual branch; with "
+                             "activation_order=bn_after_add the branch ends in a convolution")
+        if not 0 <= self.stochastic_depth < 1:
+            raise ValueError(f"stochastic_depth (1 - p_L) must be in [0, 1), got {self.stochastic_depth}")
+        if self.stochastic_depth and not self.skip:
+            raise ValueError("stochastic_depth drops residual branches, leaving the shortcut; a plain net has none")
+        if not 0 <= self.shortcut_dropout < 1:
+            raise ValueError(f"shortcut_dropout must be in [0, 1), got {self.shortcut_dropout}")
+
+    def survival_probabilities(self) -> list[float]:
+        """p_l of every block, in order: 1 - l/L (1 - p_L) (Huang et al., Eq. 4); all 1 when off."""
+        count = len(self._layout())
+        return [1.0 - (l / count) * self.stochastic_depth for l in range(1, count + 1)]
+
+    def _unit(self, index: int) -> Unit:
+        survival = self.survival_probabilities()[index] if self.stochastic_depth else None
+        return Unit(order=self.activation_order, variant=self.shortcut_variant, scale=self.shortcut_scale,
+                    scale_on=self.scale_on, gate_bias=self.gate_bias, shortcut_dropout=self.shortcut_dropout,
+                    survival=survival, depth_mode=self.stochastic_depth_mode)
 
     def _layout(self) -> list[tuple[str, bool]]:
         """(name, changes_shape) of every block, in order."""
@@ -123,13 +181,15 @@ class ResNet(nn.Module):
         block_extra = {"stride_on": self.bottleneck_stride} if self.block_cls is Bottleneck else {}
 
         x = jnp.asarray(x, self.dtype)
+        # A pre-activation net's stem is the convolution alone: its first unit's BN + ReLU
+        # follows (He et al. 2016, Sec. 4.1; timm's resnetv2 stem, preact=True).
+        preact = self.activation_order == "full_preact"
+        stem_norm = (lambda y: y) if preact else (lambda y: self.act(norm(name="stem_bn")(y)))
         if self.stem == "imagenet":
-            x = conv(self.stem_width, (7, 7), strides=2, padding=3, name="stem_conv")(x)
-            x = self.act(norm(name="stem_bn")(x))
+            x = stem_norm(conv(self.stem_width, (7, 7), strides=2, padding=3, name="stem_conv")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = conv(self.stem_width, (3, 3), name="stem_conv")(x)
-            x = self.act(norm(name="stem_bn")(x))
+            x = stem_norm(conv(self.stem_width, (3, 3), name="stem_conv")(x))
         self.sow("intermediates", "stem", x)
 
         dropped, index = set(self.drop_blocks), 0
@@ -145,12 +205,21 @@ class ResNet(nn.Module):
                     skip=self.skip,
                     zero_init_residual=self.zero_init_residual,
                     dropped=index in dropped,
+                    unit=self._unit(index),
+                    first=index == 0,
+                    train=train,
                     name=f"stage{stage + 1}_block{block + 1}",
                     **block_extra,
                 )(x)
                 index += 1
             self.sow("intermediates", f"stage{stage + 1}", x)
 
+        # The last unit's output is a raw sum: "an extra activation right after its
+        # element-wise addition" (He et al. 2016, Sec. 4.1).
+        if preact:
+            x = self.act(norm(name="final_bn")(x))
+        elif self.activation_order == "relu_preact":
+            x = self.act(x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
@@ -170,36 +239,67 @@ IMAGENET_STAGES = {
 }
 CIFAR_NAMED_DEPTHS = (20, 32, 44, 56, 110, 1202)
 IMAGENET_PLAIN_DEPTHS = (18, 34)
-_NAME = re.compile(r"^(resnet|plain)([1-9]\d*)$")
+# He et al. 2016's CIFAR pre-activation nets: ResNet-110 (basic, 6n+2), and from 164 layers on
+# the bottleneck nets of depth 9n+2 with 16/64/128/256 filters (resnet-pre-act.lua).
+PREACT_CIFAR_NAMED_DEPTHS = (20, 56, 110, 164, 1001)
+PREACT_BOTTLENECK_MIN_DEPTH = 164
+_NAME = re.compile(r"^(resnet|plain|preresnet|preplain)([1-9]\d*)$")
+_V2_NAME = re.compile(r"^(resnetv2|plainv2)_([1-9]\d*)$")
 
 
 def available() -> list[str]:
-    """The named models. Any CIFAR depth 6n+2 (resnet8, plain26, ...) is accepted too."""
+    """The named models. Any CIFAR depth 6n+2 (resnet8, plain26, preresnet38, ...) or, for
+    pre-activation bottlenecks, 9n+2 from 164 on (preresnet236, ...) is accepted too."""
     names = [f"resnet{d}" for d in CIFAR_NAMED_DEPTHS]
     names += [f"plain{d}" for d in CIFAR_NAMED_DEPTHS[:5]]
     names += [f"resnet{d}" for d in IMAGENET_STAGES]
     names += [f"plain{d}" for d in IMAGENET_PLAIN_DEPTHS]
+    names += [f"preresnet{d}" for d in PREACT_CIFAR_NAMED_DEPTHS]
+    names += [f"preplain{d}" for d in PREACT_CIFAR_NAMED_DEPTHS[:4]]
+    names += [f"resnetv2_{d}" for d in IMAGENET_STAGES]
+    names += [f"plainv2_{d}" for d in IMAGENET_STAGES]
     return names
 
 
 def _unknown(name: str) -> ValueError:
     return ValueError(
         f"unknown model {name!r}: CIFAR models are resnet/plain with depth 6n+2 "
-        f"(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202); ImageNet models are "
-        f"resnet{{18,34,50,101,152,200}} and plain{{18,34}}. Named: {', '.join(available())}"
+        f"(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202) and their pre-activation "
+        f"twins preresnet/preplain (6n+2 below 164, bottleneck 9n+2 from 164: 164, 1001); ImageNet "
+        f"models are resnet{{18,34,50,101,152,200}}, plain{{18,34}}, and pre-activation "
+        f"resnetv2_/plainv2_{{18,34,50,101,152,200}}. Named: {', '.join(available())}"
     )
+
+
+def _preact_cifar_block(depth: int):
+    """(block, blocks per stage) of a CIFAR pre-activation net, or None for a bad depth."""
+    if depth >= PREACT_BOTTLENECK_MIN_DEPTH and (depth - 2) % 9 == 0:
+        return Bottleneck, (depth - 2) // 9
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return BasicBlock, (depth - 2) // 6
+    return None
 
 
 def model_family(name: str) -> str:
     """"imagenet" or "cifar" for a model name; ValueError for anything else.
 
     ImageNet depths win where both match (50, 152 and 200 are also 6n+2): ask for the
-    CIFAR net of those depths with `create(name, family="cifar")`.
+    CIFAR net of those depths with `create(name, family="cifar")`. preresnet/preplain are
+    CIFAR nets, resnetv2_/plainv2_ ImageNet nets.
     """
+    v2 = _V2_NAME.match(name)
+    if v2:
+        if int(v2.group(2)) in IMAGENET_STAGES:
+            return "imagenet"
+        raise _unknown(name)
     match = _NAME.match(name)
     if not match:
         raise _unknown(name)
     kind, depth = match.group(1), int(match.group(2))
+    if kind.startswith("pre"):
+        if _preact_cifar_block(depth):
+            return "cifar"
+        raise _unknown(name)
     if depth in IMAGENET_STAGES and (kind == "resnet" or depth in IMAGENET_PLAIN_DEPTHS):
         return "imagenet"
     if depth >= 8 and (depth - 2) % 6 == 0:
@@ -211,7 +311,10 @@ def create(name: str, num_classes: int = 10, family: str | None = None, **overri
     """Builds a named model, e.g. `create("resnet56", num_classes=10, dtype=jnp.bfloat16)`.
 
     Args:
-      name: "resnet{depth}" or "plain{depth}"; see `available()`.
+      name: "resnet{depth}", "plain{depth}", "preresnet{depth}", "preplain{depth}",
+        "resnetv2_{depth}" or "plainv2_{depth}"; see `available()`. The pre-activation
+        names build full pre-activation units (activation_order="full_preact", which an
+        override may change: the paper's Table 2 runs every ordering on the same nets).
       num_classes: classifier size.
       family: "cifar" or "imagenet" to force a family where a depth fits both (e.g. 50).
       **overrides: any `ResNet` attribute (shortcut, zero_init_residual, dtype, ...).
@@ -219,17 +322,30 @@ def create(name: str, num_classes: int = 10, family: str | None = None, **overri
     Raises:
       ValueError: naming the valid choices, for an unknown name or an impossible depth.
     """
-    match = _NAME.match(name)
-    resolved = family or model_family(name)
-    if not match or resolved not in ("cifar", "imagenet"):
+    match = _NAME.match(name) or _V2_NAME.match(name)
+    if not match:
         raise _unknown(name)
-    depth = int(match.group(2))
+    kind, depth = match.group(1), int(match.group(2))
+    natural = model_family(name)
+    resolved = family or natural
+    preact = kind.startswith("pre") or kind.endswith("v2")
+    if resolved not in ("cifar", "imagenet") or (preact and resolved != natural):
+        raise _unknown(name)
     if isinstance(overrides.get("dtype"), str):
         if overrides["dtype"] not in DTYPES:
             raise ValueError(f"unknown dtype {overrides['dtype']!r}; choose from {', '.join(DTYPES)}")
         overrides["dtype"] = DTYPES[overrides["dtype"]]
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, skip=match.group(1) == "resnet")
-    if resolved == "cifar":
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, skip=kind.startswith(("resnet", "preresnet")))
+    if preact:
+        kwargs["activation_order"] = "full_preact"
+    if resolved == "cifar" and preact:
+        block_cls, n = _preact_cifar_block(depth)
+        # The bottleneck nets project where the shape changes (resnet-pre-act.lua).
+        kwargs.update(
+            stage_sizes=(n, n, n), block_cls=block_cls, widths=(16, 32, 64), stem="cifar", stem_width=16,
+            shortcut="A" if block_cls is BasicBlock else "B",
+        )
+    elif resolved == "cifar":
         if depth < 8 or (depth - 2) % 6:
             raise _unknown(name)
         n = (depth - 2) // 6
