@@ -247,7 +247,7 @@ class Suite:
                   watch: Callable[[], None] | None = None) -> dict:
         """`run`'s command in `workdir` until it finishes or the budget stops it (exit 3,
         checkpoint written). Writes done.json like experiments.runs.run_or_skip."""
-        done = runs.read_json(os.path.join(workdir, "done.json"))
+        done = runs.read_json(os.path.join(workdir, "done.json"), {"step": int})
         total = run.config().train.total_steps
         if done and done.get("step") == total:
             return {**done, "code": 0, "stopped": False}

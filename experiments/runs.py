@@ -30,7 +30,7 @@ from typing import Any
 
 from absl import flags
 
-from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, UserError
+from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, UserError, json_kind
 
 CONFIG_FILE = "configs/cifar.py"  # resolves to the installed recipe from any directory
 MAIN = "python -m resnet_jax.main"
@@ -138,6 +138,10 @@ def make_run(name: str, variant: str, overrides: dict | None = None, devices: in
     return Run(name, variant, tuple((overrides or {}).items()), devices, tuple(info.items()))
 
 
+# What a done.json must hold to say a run finished (result_row reads these).
+DONE_FIELDS = {"name": str, "step": int, "total_steps": int, "results": dict}
+
+
 def run_or_skip(run: Run, workdir: str, log: Callable[[str], None] = print) -> dict:
     """Trains `run` in `workdir` unless its done.json says it finished.
 
@@ -152,11 +156,11 @@ def run_or_skip(run: Run, workdir: str, log: Callable[[str], None] = print) -> d
     done_path, failed_path = os.path.join(workdir, "done.json"), os.path.join(workdir, "failed.json")
     config = run.config()
     total = config.train.total_steps
-    done = read_json(done_path)
+    done = read_json(done_path, DONE_FIELDS)
     if done and done.get("step") == total:
         log(f"{run.name}: finished earlier (step {total}), skipping")
         return done
-    failed = read_json(failed_path)
+    failed = read_json(failed_path, {"failed": str})
     if failed:
         log(f"{run.name}: diverged earlier ({failed['failed']}); delete {failed_path} to retry")
         return failed
@@ -336,13 +340,27 @@ def write_json(path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
-    """The file's value, or None when it is missing or unreadable."""
+def read_json(path: str, fields: dict[str, type] | None = None) -> dict | None:
+    """The JSON object in `path`; None when the file is missing, or (with a warning) when it
+    is unreadable, not an object, or lacks one of `fields` ({name: type}) of its type: a
+    record that says nothing is treated as none (a run is trained again, and resumes)."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            value = json.load(f)
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as error:
+        print(f"warning: ignoring {path}: {str(error).splitlines()[0] if str(error) else error}", file=sys.stderr)
+        return None
+    problem = None if isinstance(value, dict) else f"it holds {json_kind(value)}, not an object"
+    for name, kind in (fields or {}).items():
+        field = value.get(name) if problem is None else None
+        if problem is None and (not isinstance(field, kind) or isinstance(field, bool) and kind is not bool):
+            problem = f"its {name!r} is {json_kind(field)}"
+    if problem:
+        print(f"warning: ignoring {path}: {problem}", file=sys.stderr)
+        return None
+    return value
 
 
 def check_experiment(workdir: str, identity: dict) -> None:

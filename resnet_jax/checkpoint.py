@@ -12,6 +12,7 @@ with a warning in favour of the one before it.
 
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, disk_full, is_disk_full, json_kind
 
 managers = ocp.checkpoint_managers
 
@@ -28,11 +29,50 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def meta_problem(meta: Any) -> str | None:
+    """What is wrong with a checkpoint's meta item (JSON the trainer wrote), or None.
+
+    The fields the readers use are checked for type: step, best_step, best_error,
+    evals_since_best, stopped_early, image_shape ([H, W, C]) and normalization
+    ({"mean", "std"}: lists of numbers).
+    """
+    if not isinstance(meta, dict):
+        return f"its meta holds {json_kind(meta)}, not an object"
+    optional = {"best_step": _is_int, "best_error": _is_number, "stopped_early": _is_int, "step": _is_int,
+                "evals_since_best": _is_int}
+    for key, check in optional.items():
+        if meta.get(key) is not None and not check(meta[key]):
+            return f"its meta's {key} is {json_kind(meta[key])} {meta[key]!r:.40}"
+    shape = meta.get("image_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(n) and n > 0
+                                                                                      for n in shape)):
+        return f"its meta's image_shape is {shape!r:.60}, not [height, width, channels]"
+    norm = meta.get("normalization")
+    if norm is not None and not (isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list) and norm[k] and all(map(_is_number, norm[k])) for k in ("mean", "std"))):
+        return f"its meta's normalization is {norm!r:.60}, not {{\"mean\": [...], \"std\": [...]}}"
+    return None
+
+
 class Checkpoints:
     """Save and restore a run's state (global, replicated jax.Arrays) and JSON metadata."""
 
-    def __init__(self, workdir: str, keep: int = 3):
+    def __init__(self, workdir: str, keep: int = 3, needed_bytes: int | None = None):
+        """Args:
+          workdir: the run's directory; checkpoints go to `workdir/checkpoints`.
+          keep: how many of the latest to keep (the best is kept besides).
+          needed_bytes: what the run needs on disk, for the message when the disk is full.
+        """
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.needed_bytes = needed_bytes
         keep_best = managers.BestN(
             get_metric_fn=lambda metrics: metrics["error"], reverse=True, n=1,  # lowest error
             keep_checkpoints_without_metrics=False,
@@ -43,7 +83,12 @@ class Checkpoints:
             create=True,
         )
         logging.getLogger("absl").setLevel(logging.WARNING)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full(self.directory, os.path.dirname(self.directory), needed_bytes) from None
+            raise UserError(f"cannot open {self.directory}: {error.strerror or error}") from None
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -61,8 +106,21 @@ class Checkpoints:
         try:
             self.manager.save(step, args=args, metrics=None if error is None else {"error": error}, force=True)
             self.manager.wait_until_finished()
-        except OSError as error_:
-            raise UserError(f"cannot write checkpoint {step} in {self.directory}: {error_.strerror or error_}") from None
+        except Exception as error_:  # noqa: BLE001 -- TensorStore reports a full disk as ValueError
+            if is_disk_full(error_):
+                self._remove_partial(step)
+                raise disk_full(f"checkpoint {step}", self.directory, self.needed_bytes) from None
+            if isinstance(error_, OSError):
+                raise UserError(f"cannot write checkpoint {step} in {self.directory}: "
+                                f"{error_.strerror or error_}") from None
+            raise
+
+    def _remove_partial(self, step: int) -> None:
+        """Deletes what a failed save of `step` left (Orbax's temporary directory, never a
+        complete step), so the space it took is free again."""
+        for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+            if name.startswith(f"{step}.") and "tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
         """Restores a whole TrainState at `step`, or the newest good checkpoint; None when
@@ -100,9 +158,10 @@ class Checkpoints:
     def read_meta(self, step: int) -> dict | None:
         """A checkpoint's JSON metadata alone (cheap: no array is read); None if unreadable."""
         try:
-            return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception:  # noqa: BLE001 -- corrupt or partial; the caller tries an older one
             return None
+        return None if meta_problem(meta) else dict(meta)
 
     def _restore(self, args, step: int | None):
         steps = self.steps()
@@ -112,10 +171,15 @@ class Checkpoints:
         for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
             try:
                 restored = self.manager.restore(candidate, args=args)
+                problem = meta_problem(restored.meta)
             except Exception as error:  # corrupt or partial: Orbax raises many kinds
                 reason = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
-                _warn(f"checkpoint {candidate} in {self.directory} is unreadable "
-                      f"({type(error).__name__}: {reason}); trying the one before")
+                problem = f"{type(error).__name__}: {reason}"
+            if problem:
+                if step is not None:
+                    raise UserError(f"checkpoint {step} in {self.directory} is unreadable ({problem}); "
+                                    "choose another step")
+                _warn(f"checkpoint {candidate} in {self.directory} is unreadable ({problem}); trying the one before")
                 unreadable.append(candidate)
                 continue
             if step is None:
@@ -143,7 +207,12 @@ class Checkpoints:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as error:  # noqa: BLE001 -- TensorStore reports a full disk as ValueError
+            if is_disk_full(error):
+                raise disk_full(f"the last of {self.directory}", self.directory, self.needed_bytes) from None
+            raise
 
 
 def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:
