@@ -79,9 +79,10 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
         analyses hold their examples in memory).
     """
     # What the analyses need of a run: all of it is here.
-    from resnet_jax.checkpoint import Checkpoints, abstract_like
+    from resnet_jax import workdir as workdir_lib
+    from resnet_jax.checkpoint import CheckpointReader, abstract_like, read_retrying
     from resnet_jax.data import sources
-    from resnet_jax.evaluate import load_config, parse_checkpoint
+    from resnet_jax.evaluate import _choose_step, layout_meta, load_config, parse_checkpoint
     from resnet_jax.train import abstract_variables, build_model
 
     workdir = os.path.expanduser(workdir)
@@ -100,21 +101,24 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
     model = build_model(config)
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
                                           jax.sharding.PartitionSpec())
-    checkpoints = Checkpoints(workdir)
-    try:
-        # An explicit step: a read-only analysis must never set aside a run's checkpoints.
-        target = which if isinstance(which, int) else steps[-1]
-        meta = checkpoints.read_meta(target) or {}
-        best = meta.get("best_step")
-        if which == "best" and best is not None and int(best) in steps:
-            target, meta = int(best), checkpoints.read_meta(int(best)) or meta
-        if "normalization" not in meta:
-            raise UserError(f"checkpoint {target} in {directory} carries no normalisation statistics (written by "
-                            "an older resnet_jax); train the run again")
+    # Read-only: the run may be training at this moment (see CheckpointReader).
+    checkpoints = CheckpointReader(workdir, lambda: workdir_lib.live_holder(workdir))
+
+    def read():
+        if isinstance(which, int) and which not in checkpoints.steps():
+            raise UserError(f"no checkpoint at step {which} in {directory}; have {checkpoints.steps()}")
+        target, _ = _choose_step(checkpoints, which)
+        meta = layout_meta(checkpoints, target)
         abstract = abstract_variables(config, tuple(meta["image_shape"]))
-        variables, meta, step = checkpoints.restore_variables(abstract_like(abstract, sharding), target)
+        return checkpoints.restore_variables(abstract_like(abstract, sharding), target)
+
+    try:
+        restored = read_retrying(read, checkpoints.directory)
     finally:
         checkpoints.close()
+    if restored is None:  # every step vanished: the run was started over
+        raise UserError(f"no checkpoints in {directory}")
+    variables, meta, step = restored
     variables = jax.device_get(variables)
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     train_arrays = sources.load_split(config.data, config.data.train_split)

@@ -15,7 +15,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from resnet_jax.errors import UserError, disk_full, is_disk_full, json_kind
 
 managers = ocp.checkpoint_managers
+T = TypeVar("T")
 
 
 def _warn(message: str) -> None:
@@ -213,6 +215,152 @@ class Checkpoints:
             if is_disk_full(error):
                 raise disk_full(f"the last of {self.directory}", self.directory, self.needed_bytes) from None
             raise
+
+
+# ---------------------------------------------------------------------------------------
+# Reading beside a writer: evaluation, conversion and the analyses of a run that may be
+# training at this moment (its trainer saving new steps and deleting old ones).
+
+READ_ATTEMPTS = 8
+
+
+class Vanished(Exception):
+    """A checkpoint disappeared while it was being read: choose again."""
+
+
+class CheckpointReader:
+    """Read-only access to a run's checkpoints, safe beside the process training in it.
+
+    Lists only complete steps (Orbax renames a step's directory into place once it is
+    whole; its temporary directories are not listed), reads them with a plain Orbax
+    Checkpointer (no CheckpointManager: nothing cached, created, moved or deleted), and
+    raises `Vanished` when a step disappears under it, so that `read_retrying` chooses
+    again. An unreadable step is skipped, never set aside (only the run's owner does that).
+    """
+
+    def __init__(self, workdir: str, writer: Callable[[], str | None] = lambda: None):
+        """Args:
+          workdir: the run's directory.
+          writer: says who is training there now ("process 123 on host"), or None: for
+            the advice when nothing is readable.
+        """
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.writer = writer
+        self.checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+    def steps(self) -> list[int]:
+        """The complete steps on disk now, ascending."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+
+    def _read(self, step: int, args) -> Any:
+        """One step's items. Raises Vanished if the step is gone after a failed read; the
+        read's error if it is still there (twice: a step being deleted fails first)."""
+        path = os.path.join(self.directory, str(step))
+        for attempt in range(2):
+            try:
+                return self.checkpointer.restore(path, args=args)
+            except Exception:  # noqa: BLE001 -- Orbax raises many kinds; the directory tells
+                time.sleep(0.1)
+                if not os.path.isdir(path):
+                    raise Vanished(step) from None
+                if attempt:
+                    raise
+
+    def read_meta(self, step: int) -> dict | None:
+        """A step's metadata; None if it is unreadable or of the wrong kind.
+
+        Raises:
+          Vanished: the step is gone.
+        """
+        try:
+            meta = self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Vanished:
+            raise
+        except Exception:  # noqa: BLE001 -- corrupt or partial; the caller tries an older one
+            return None
+        return None if meta_problem(meta) else dict(meta)
+
+    def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+        """{"params", "batch_stats"} and meta of `step`, or of the newest readable step."""
+        args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore())
+        found = self._restore(args, step)
+        return None if found is None else (found[0].variables, dict(found[0].meta), found[1])
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+        """The whole TrainState (optimiser too) and meta of `step`, or of the newest readable."""
+        args = ocp.args.Composite(
+            variables=ocp.args.StandardRestore({"params": abstract_state.params,
+                                                "batch_stats": abstract_state.batch_stats}),
+            optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+            meta=ocp.args.JsonRestore())
+        found = self._restore(args, step)
+        if found is None:
+            return None
+        restored, candidate = found
+        return abstract_state.replace(**restored.variables, **restored.optimizer), dict(restored.meta), candidate
+
+    def _restore(self, args, step: int | None):
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise Vanished(step)
+        vanished = False
+        for candidate in ([step] if step is not None else sorted(steps, reverse=True)):
+            try:
+                restored = self._read(candidate, args)
+                problem = meta_problem(restored.meta)
+            except Vanished:
+                if step is not None:
+                    raise
+                vanished = True
+                continue
+            except Exception as error:  # noqa: BLE001 -- corrupt or partial
+                reason = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
+                problem = f"{type(error).__name__}: {reason}"
+            if not problem:
+                return restored, candidate
+            if step is not None:
+                raise UserError(f"checkpoint {step} in {self.directory} is unreadable ({problem}); choose another "
+                                "step (--checkpoint)")
+            _warn(f"checkpoint {candidate} in {self.directory} is unreadable ({problem}); trying the one before")
+        if vanished:
+            raise Vanished(step)
+        if steps:
+            raise self.nothing_readable(steps)
+        return None
+
+    def nothing_readable(self, steps: list[int]) -> UserError:
+        writer = self.writer()
+        if writer:
+            return UserError(f"no readable checkpoint in {self.directory} (steps {steps}) while {writer} trains "
+                             "there; try again after its next checkpoint")
+        return UserError(f"no readable checkpoint in {self.directory} (steps {steps}); resuming the run with "
+                         "resnet_jax.main (its config, the same --workdir) sets unreadable steps aside and writes "
+                         "new ones")
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def read_retrying(read: Callable[[], T], directory: str) -> T:
+    """`read()` (it lists, chooses and reads checkpoints), again whenever a checkpoint it
+    chose vanished under it (`Vanished`: a live run's trainer deleted it): at most
+    READ_ATTEMPTS times.
+
+    Raises:
+      UserError: the checkpoints kept vanishing.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except Vanished:
+            time.sleep(0.05 * (attempt + 1))
+    raise UserError(f"the checkpoints in {directory} kept changing while being read ({READ_ATTEMPTS} tries): a run "
+                    "is training there and replacing them; try again, or keep more of them "
+                    "(train.keep_checkpoints)")
 
 
 def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -290,16 +290,21 @@ def _restore_variables(workdir: str, which: str | int = "best") -> tuple[Any, di
     import jax
 
     from resnet_jax import evaluate, train
-    from resnet_jax.checkpoint import Checkpoints, abstract_like
+    from resnet_jax import workdir as workdir_lib
+    from resnet_jax.checkpoint import CheckpointReader, abstract_like, read_retrying
 
     config = evaluate.load_config(workdir)
     directory = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
         raise UserError(f"no checkpoints in {directory}: the run has not saved one yet")
     which = evaluate.parse_checkpoint(which)
-    checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
-    try:
+    # Read-only: the run may be training at this moment (see CheckpointReader).
+    checkpoints = CheckpointReader(workdir, lambda: workdir_lib.live_holder(workdir))
+
+    def read():
         steps = sorted(checkpoints.steps(), reverse=True)
+        if isinstance(which, int) and which not in steps:
+            raise UserError(f"no checkpoint at step {which} in {directory}; have {sorted(steps)}")
         step = which if isinstance(which, int) else None
         meta = next((m for m in map(checkpoints.read_meta, steps) if m is not None), None) or {}
         if which == "best" and meta.get("best_step") in steps:
@@ -307,7 +312,10 @@ def _restore_variables(workdir: str, which: str | int = "best") -> tuple[Any, di
         image_shape = tuple(meta.get("image_shape") or _image_shape(config))
         abstract = train.abstract_variables(config, image_shape)
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        restored = checkpoints.restore_variables(abstract_like(abstract, sharding), step)
+        return checkpoints.restore_variables(abstract_like(abstract, sharding), step)
+
+    try:
+        restored = read_retrying(read, checkpoints.directory)
     finally:
         checkpoints.close()
     if restored is None:

@@ -27,7 +27,8 @@ from absl import flags
 import numpy as np
 
 from resnet_jax import config as config_lib
-from resnet_jax.checkpoint import Checkpoints, abstract_like
+from resnet_jax import workdir as workdir_lib
+from resnet_jax.checkpoint import CheckpointReader, Vanished, abstract_like, read_retrying
 from resnet_jax.data import pipeline, sources
 from resnet_jax.errors import UserError
 from resnet_jax.parallel import Parallel
@@ -149,6 +150,30 @@ def _saved_steps(workdir: str) -> list[int]:
         return []
     return sorted(int(name) for name in os.listdir(directory)
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def layout_meta(checkpoints: CheckpointReader, target: int | None) -> dict:
+    """The metadata of the step to read (`target`, or the newest), which says how to build
+    the model's input (image_shape) and normalise it.
+
+    Raises:
+      Vanished: the step disappeared (choose again).
+      UserError: it is unreadable, or of a resnet_jax that did not record normalisation.
+    """
+    steps = checkpoints.steps()
+    if not steps:
+        raise Vanished(target)
+    step = target if target is not None else steps[-1]
+    meta = checkpoints.read_meta(step)
+    if meta is None:
+        if target is None and len(steps) > 1:  # the newest is unreadable: the restore falls back
+            return layout_meta(checkpoints, steps[-2])
+        raise checkpoints.nothing_readable(steps) if target is None else UserError(
+            f"checkpoint {step} in {checkpoints.directory} is unreadable; choose another step (--checkpoint)")
+    if "normalization" not in meta or "image_shape" not in meta:
+        raise UserError(f"checkpoint {step} in {checkpoints.directory} carries no normalisation statistics "
+                        "(written by an older resnet_jax); train the run again")
+    return meta
 
 
 def _choose_step(checkpoints, which: str | int) -> tuple[int | None, str | None]:
@@ -367,18 +392,21 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
     from resnet_jax.train import abstract_variables, build_model
 
     parallel = Parallel(config.parallel.backend)
-    checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
-    try:
+    checkpoints = CheckpointReader(workdir, lambda: workdir_lib.live_holder(workdir))
+
+    def read():
+        if isinstance(which, int) and which not in checkpoints.steps():
+            raise UserError(f"no checkpoint at step {which} in {checkpoints.directory}; have {checkpoints.steps()}")
         target, note = _choose_step(checkpoints, which)
-        meta = checkpoints.read_meta(target if target is not None else max(checkpoints.steps()))
-        if not meta or "normalization" not in meta:
-            raise UserError(f"the checkpoints in {checkpoints.directory} carry no normalisation statistics "
-                            "(written by an older resnet_jax); train the run again")
+        meta = layout_meta(checkpoints, target)
         abstract = abstract_variables(config, tuple(meta["image_shape"]))
-        restored = checkpoints.restore_variables(abstract_like(abstract, parallel.replicated), target)
+        return checkpoints.restore_variables(abstract_like(abstract, parallel.replicated), target), note
+
+    try:
+        restored, note = read_retrying(read, checkpoints.directory)
     finally:
         checkpoints.close()
-    if restored is None:  # steps vanished between the listing and now
+    if restored is None:  # every step vanished: the run was started over
         raise UserError(f"no checkpoints in {checkpoints.directory}")
     variables, meta, step = restored
     variables = parallel.from_global(variables)

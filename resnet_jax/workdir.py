@@ -116,6 +116,27 @@ class Lock:
             self._fd = None
 
 
+def live_holder(workdir: str) -> str | None:
+    """"process PID on HOST" when a live process holds the workdir's lock (a run is training
+    there), else None. Reads the lock file only: never creates, locks or changes it."""
+    try:
+        with open(os.path.join(workdir, LOCK_FILE)) as f:
+            holder = f.read(200).split()
+    except OSError:
+        return None
+    if len(holder) != 2 or not holder[0].isdigit():
+        return None  # empty: released
+    pid, host = int(holder[0]), holder[1]
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # died without releasing it (kill -9)
+        except PermissionError:
+            pass
+    return f"process {pid} on {host}"
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -> Lock:
     """Creates and locks the workdir, refuses a different run in it, checks it is writable
     with room for the checkpoints, and writes config.json. Only process 0 locks.

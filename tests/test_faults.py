@@ -299,3 +299,81 @@ def test_a_run_whose_disk_fills_ends_in_one_line_and_resumes(small_disk):
     again = run_main(workdir, {**overrides, "train.total_steps": step + 10}, timeout=300)
     assert f"resuming at step {step}" in again.stdout and again.returncode == 0
     assert restore_state(workdir)[1] == step + 10
+
+
+# ---------------------------------------------------------------------------------------
+# Readers beside a writer: a live run keeping one checkpoint, replacing it every step.
+
+
+def test_readers_beside_a_live_run_read_complete_checkpoints_and_change_nothing(tmp_path):
+    """evaluate, convert export, the analyses' loader and a second main, over and over while
+    the trainer saves a checkpoint at every step and deletes the one before: each call
+    succeeds or is one error (exit 0 or 2), and the workdir gains nothing."""
+    from experiments import analysis_common
+    from resnet_jax import convert, evaluate
+
+    workdir = tmp_path / "live"
+    live = {"train.total_steps": 1_000_000, "train.checkpoint_every": 1, "train.eval_every": 3,
+            "train.log_every": 3, "train.keep_checkpoints": 1, "optim.schedule": "constant"}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    trainer = subprocess.Popen([sys.executable, "-m", "resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8",
+                                f"--workdir={workdir}", *cli_args(live)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    outcomes = []
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "3").is_dir():
+            assert trainer.poll() is None, trainer.communicate()
+            assert time.time() < deadline, "no checkpoint 3"
+            time.sleep(0.05)
+        before, started = sorted(os.listdir(workdir)), time.time()
+        readers = [
+            lambda i: evaluate.report(str(workdir), "test", "latest", str(tmp_path / f"report{i}")),
+            lambda i: convert.export_weights(str(workdir), str(tmp_path / f"w{i}.safetensors"), "best"),
+            lambda i: analysis_common.load_run(str(workdir), "best" if i % 2 else "latest"),
+        ]
+        for round_ in range(9):  # a fixed number of rounds, each a few seconds at most
+            try:
+                readers[round_ % len(readers)](round_)
+                outcomes.append(0)
+            except UserError as error:  # what the command line turns into one line, exit 2
+                outcomes.append(2)
+                print(f"round {round_}: {error}")
+            assert trainer.poll() is None, trainer.communicate()
+        cli_env = dict(env, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        done = subprocess.run([sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}",
+                               "--checkpoint=best", f"--out_dir={tmp_path / 'cli'}"],
+                              capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=300)
+        assert done.returncode in (0, 2) and "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == 0 or len(done.stderr.strip().splitlines()) == 1, done.stderr
+        outcomes.append(done.returncode)
+        second = run_main(workdir, live, check=False, timeout=300)
+        assert second.returncode == 2 and "is in use by process" in second.stderr, second.stderr
+        assert trainer.poll() is None, trainer.communicate()
+        after = sorted(os.listdir(workdir))
+        assert after == before, (before, after)  # no corrupt_checkpoints/, no report/, nothing
+        kept = [n for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+        assert 1 <= len(kept) <= 2  # the latest and the best: the trainer's to delete, no one else's
+    finally:
+        trainer.kill()
+        trainer.communicate()
+    print("outcomes", outcomes, f"{time.time() - started:.0f} s")
+    assert outcomes.count(0) >= len(outcomes) // 2, outcomes  # most reads succeed: they fall back or retry
+
+    # Nothing readable: the advice depends on whether a run is training there.
+    for step in os.listdir(workdir / "checkpoints"):
+        for folder, _, files in os.walk(workdir / "checkpoints" / step / "variables"):
+            for name in files:
+                open(os.path.join(folder, name), "w").close()
+    before = sorted(os.listdir(workdir))
+    with pytest.raises(UserError, match=r"no readable checkpoint in .* \(steps \[.*\]\); resuming the run with "
+                                        r"resnet_jax.main \(its config, the same --workdir\) sets unreadable steps "
+                                        "aside and writes new ones"):
+        convert.export_weights(str(workdir), str(tmp_path / "none.safetensors"), "latest")
+    import socket
+
+    (workdir / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # as a live trainer holds it
+    with pytest.raises(UserError, match=rf"no readable checkpoint .* while process {os.getpid()} on .* trains there; "
+                                        "try again after its next checkpoint"):
+        evaluate.report(str(workdir), "test", "latest", str(tmp_path / "none"))
+    assert sorted(os.listdir(workdir)) == before  # nothing set aside by a reader
