@@ -10,6 +10,7 @@ previous checkpoints intact; a step that is corrupt anyway (a truncated file) is
 with a warning in favour of the one before it.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -64,6 +65,19 @@ def meta_problem(meta: Any) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax's writer threads log a failed write (with its traceback) before the save raises
+    it; the raised error is what the user is told, in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Checkpoints:
     """Save and restore a run's state (global, replicated jax.Arrays) and JSON metadata."""
 
@@ -106,8 +120,9 @@ class Checkpoints:
             optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
             meta=ocp.args.JsonSave(meta))
         try:
-            self.manager.save(step, args=args, metrics=None if error is None else {"error": error}, force=True)
-            self.manager.wait_until_finished()
+            with _quiet_orbax():
+                self.manager.save(step, args=args, metrics=None if error is None else {"error": error}, force=True)
+                self.manager.wait_until_finished()
         except Exception as error_:  # noqa: BLE001 -- TensorStore reports a full disk as ValueError
             if is_disk_full(error_):
                 self._remove_partial(step)

@@ -132,7 +132,9 @@ def test_disk_full_is_recognised_however_it_is_raised():
 
 
 @pytest.mark.parametrize("raised", [ValueError(TENSORSTORE_FULL), OSError(errno.ENOSPC, "No space left on device")])
-def test_checkpoint_on_a_full_disk_keeps_the_last_complete_one(tmp_path, monkeypatch, raised):
+def test_checkpoint_on_a_full_disk_keeps_the_last_complete_one(tmp_path, monkeypatch, caplog, raised):
+    import logging
+
     import jax
 
     saved = checkpoint.Checkpoints(str(tmp_path), keep=1, needed_bytes=5 << 20)
@@ -141,7 +143,8 @@ def test_checkpoint_on_a_full_disk_keeps_the_last_complete_one(tmp_path, monkeyp
         partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-99"
         partial.mkdir()
 
-        def save(*args, **kwargs):
+        def save(*args, **kwargs):  # as Orbax does: its writer thread logs the failure, then it raises
+            logging.getLogger("absl").error("_SignalingThread.run() raised an exception: %s", raised)
             raise raised
 
         monkeypatch.setattr(saved.manager, "save", save)
@@ -150,6 +153,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_last_complete_one(tmp_path, monkeyp
                                            "space and run the same command again to resume"):
             saved.save(2, _tiny_state(2.0), {"step": 2})
         assert not partial.exists()  # the failed step's partial directory gives its space back
+        assert not [r for r in caplog.records if "_SignalingThread" in r.getMessage()]  # one line, no log
     finally:
         monkeypatch.undo()
         saved.close()
@@ -267,10 +271,15 @@ def _fill(directory) -> str:
     return ballast
 
 
-def test_a_run_whose_disk_fills_ends_in_one_line_and_resumes(small_disk):
+@pytest.mark.parametrize("first", ["checkpoint", "metrics"])
+def test_a_run_whose_disk_fills_ends_in_one_line_and_resumes(small_disk, first):
+    """`first`: the writer that meets the full disk first (the checkpoint, Orbax and
+    TensorStore underneath; or metrics.jsonl and TensorBoard, logging at every step)."""
     workdir = small_disk / "run"
-    overrides = {"train.total_steps": 2000, "train.checkpoint_every": 5, "train.log_every": 5,
-                 "train.eval_every": 10, "train.keep_checkpoints": 1, "optim.schedule": "constant"}
+    overrides = {"train.total_steps": 2000, "train.checkpoint_every": 5, "train.keep_checkpoints": 1,
+                 "optim.schedule": "constant",
+                 **({"train.log_every": 1000, "train.eval_every": 1000} if first == "checkpoint" else
+                    {"train.log_every": 1, "train.eval_every": 1000})}
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.Popen([sys.executable, "-m", "resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8",
                              f"--workdir={workdir}", *cli_args(overrides)], env=env, cwd=ROOT,
@@ -290,6 +299,8 @@ def test_a_run_whose_disk_fills_ends_in_one_line_and_resumes(small_disk):
     lines = stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, stderr
     assert lines[0].startswith("error: no space left on device: cannot write ") and " MiB free in " in lines[0], lines[0]
+    if first == "checkpoint":
+        assert lines[0].startswith("error: no space left on device: cannot write checkpoint "), lines[0]
     assert "the run needs about" in lines[0] and "run the same command again to resume" in lines[0]
     assert (workdir / ".lock").read_text() == ""  # released
     _, step = restore_state(workdir)  # the last complete checkpoint reads back
