@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from helpers import ROOT, cli_args, restore_state, run_main, tiny_config
