@@ -363,7 +363,9 @@ def test_readers_beside_a_live_run_read_complete_checkpoints_and_change_nothing(
         after = sorted(os.listdir(workdir))
         assert after == before, (before, after)  # no corrupt_checkpoints/, no report/, nothing
         kept = [n for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
-        assert 1 <= len(kept) <= 2  # the latest and the best: the trainer's to delete, no one else's
+        # The latest and the best (and, for a moment, the one before the latest, until the
+        # trainer deletes it): the trainer's to delete, no one else's.
+        assert 1 <= len(kept) <= 3, kept
     finally:
         trainer.kill()
         trainer.communicate()
