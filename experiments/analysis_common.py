@@ -1,9 +1,8 @@
 """What the analyses (landscape, lesion, sanity) share: a trained workdir loaded for analysis,
 an exact jitted evaluation, and the command-line plumbing.
 
-`load_run` is the ONE place that touches the trainer's internals (config loading, model
-construction, checkpoint layout, data sources and normalisation), so that a change there
-is a change here only.
+`load_run` is resnet_jax.restore's trained run with what the analyses add: the evaluation
+model, the run's data in memory, and its normalisation.
 """
 
 from __future__ import annotations
@@ -17,9 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
+from resnet_jax import cli as cli_lib
+from resnet_jax import config as config_lib
+from resnet_jax import restore, rundir
+from resnet_jax.data import device as device_data
+from resnet_jax.data import sources
 from resnet_jax.errors import UserError
+from resnet_jax.steps import build_model, cross_entropy
 
 CHECK_FAILED_EXIT = 1  # sanity: a check failed (distinct from a user error, exit 2)
 
@@ -62,8 +66,6 @@ class Run:
 
     def eval_splits(self) -> dict[str, str]:
         """The run's evaluation splits, name -> spec, in config order."""
-        from resnet_jax import config as config_lib
-
         return config_lib.parse_splits(self.config.data.eval_splits)
 
 
@@ -78,49 +80,16 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
       UserError: no such run, no checkpoint, an unreadable one, or a streamed dataset (the
         analyses hold their examples in memory).
     """
-    # What the analyses need of a run: all of it is here.
-    from resnet_jax import workdir as workdir_lib
-    from resnet_jax.checkpoint import CheckpointReader, abstract_like, read_retrying
-    from resnet_jax.data import sources
-    from resnet_jax.evaluate import _choose_step, layout_meta, load_config, parse_checkpoint
-    from resnet_jax.train import abstract_variables, build_model
-
     workdir = os.path.expanduser(workdir)
-    config = load_config(workdir)  # UserError for a missing workdir or config.json
+    config = rundir.load_config(workdir)  # UserError for a missing workdir or config.json
     if config.data.pipeline != "device":
         raise UserError(f"{workdir}: the analyses read in-memory datasets (data.pipeline=device); this run "
                         f"streams {config.data.name}")
-    directory = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else []) if n.isdigit())
-    if not steps:
-        raise UserError(f"no checkpoints in {directory}: train the run first")
-    which = parse_checkpoint(checkpoint)
-    if isinstance(which, int) and which not in steps:
-        raise UserError(f"no checkpoint at step {which} in {directory}; have {steps}")
-
-    model = build_model(config)
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
                                           jax.sharding.PartitionSpec())
-    # Read-only: the run may be training at this moment (see CheckpointReader).
-    checkpoints = CheckpointReader(workdir, lambda: workdir_lib.live_holder(workdir))
-
-    def read():
-        if isinstance(which, int) and which not in checkpoints.steps():
-            raise UserError(f"no checkpoint at step {which} in {directory}; have {checkpoints.steps()}")
-        target, _ = _choose_step(checkpoints, which)
-        meta = layout_meta(checkpoints, target)
-        abstract = abstract_variables(config, tuple(meta["image_shape"]))
-        return checkpoints.restore_variables(abstract_like(abstract, sharding), target)
-
-    try:
-        restored = read_retrying(read, checkpoints.directory)
-    finally:
-        checkpoints.close()
-    if restored is None:  # every step vanished: the run was started over
-        raise UserError(f"no checkpoints in {directory}")
-    variables, meta, step = restored
-    variables = jax.device_get(variables)
-    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    trained = restore.load(workdir, checkpoint, sharding=sharding)
+    mean, std = trained.normalization()
+    variables = jax.device_get(trained.variables)
     train_arrays = sources.load_split(config.data, config.data.train_split)
 
     def load(spec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,8 +98,24 @@ def load_run(workdir: str, checkpoint: str | int = "latest") -> Run:
         arrays = sources.load_split(config.data, spec)
         return arrays.images, arrays.labels
 
-    return Run(workdir, config, model, variables, int(step), np.asarray(mean, np.float32),
-               np.asarray(std, np.float32), load)
+    return Run(workdir, config, build_model(config), variables, trained.step, mean, std, load)
+
+
+def training_examples(data: ml_collections.ConfigDict, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` training examples, normalised as the trainer normalises them
+    (statistics of the whole training split): for probes outside training.
+
+    Returns:
+      (float32 images [count, H, W, C], int32 labels [count]).
+
+    Raises:
+      UserError: a bad split, or fewer than `count` training examples.
+    """
+    arrays = sources.load_split(data, data.train_split, role="training")
+    if len(arrays.labels) < count:
+        raise UserError(f"{count} examples asked for, but {data.train_split!r} has {len(arrays.labels)}")
+    mean, std = device_data.normalization_stats(data, arrays)
+    return (arrays.images[:count].astype(np.float32) - mean) / std, arrays.labels[:count].astype(np.int32)
 
 
 def subset(images: np.ndarray, labels: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +156,7 @@ def loss_and_error(model: Any, variables: dict, inputs: jax.Array, labels: jax.A
     def one_batch(batch):
         x, y, m = batch
         logits = model.apply(variables, x, train=False)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        loss = cross_entropy(logits, y)
         wrong = (jnp.argmax(logits, -1) != y).astype(jnp.float32)
         return jnp.sum(loss * m), jnp.sum(wrong * m)
 
@@ -187,15 +172,11 @@ def loss_and_error(model: Any, variables: dict, inputs: jax.Array, labels: jax.A
 def parse_flags(flag_values, argv: list[str], doc: str) -> list[str]:
     """resnet_jax.cli's parsing: `-h`/`--help` prints `doc` and the flags (exit 0), config
     names resolve from anywhere, bad flags are one UserError line."""
-    from resnet_jax import cli as cli_lib
-
     return cli_lib.parse_flags(flag_values, argv, doc)
 
 
 def cli(run: Callable[[list[str]], int], argv: list[str] | None = None) -> None:
     """Runs a command's `run(argv) -> exit code`; user errors are one line and exit 2."""
-    from resnet_jax import cli as cli_lib
-
     argv = list(sys.argv if argv is None else argv)
     with cli_lib.errors_exit():
         code = run(argv)

@@ -9,7 +9,11 @@
   (from XLA's cost analysis of the step as lowered) and MFU against the card's peak.
 - device: `train_and_evaluate` end to end on device-resident data (gather, augmentation,
   per-epoch evaluation and checkpoints included), from its logged images/s.
-- stream: the grain pipeline's decode + crop rate, in images/s per worker.
+- stream: the grain pipeline's rate in images/s per worker (one core) and for --workers
+  processes, before (full JPEG decode, float32 out) and now (draft decode, uint8 out), beside
+  tf.data's decode_and_crop_jpeg + resize + flip on the same JPEGs and cores (the headline
+  ratio); the per-stage split; the draft's PSNR against a full decode. JPEGs: crops of
+  scikit-learn's sample photos (or --tfds_name's). --steps batches of --batch per round.
 Prints one table row per configuration (and appends it to --json as a JSON line).
 """
 
@@ -24,8 +28,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from resnet_jax import cli
+from resnet_jax import cli, models, train
 from resnet_jax.errors import UserError
+from resnet_jax.parallel import Parallel
+from resnet_jax.reporting import read_metrics
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", "resnet20", "Model name, e.g. resnet20, resnet56, resnet50.", flag_values=FLAGS)
@@ -41,6 +47,7 @@ flags.DEFINE_string("npz", "", "device: train on this .npz (e.g. CIFAR-10) inste
 flags.DEFINE_string("tfds_name", "", "stream: a prepared TFDS dataset to decode.", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", "", "stream: TFDS data_dir.", flag_values=FLAGS)
 flags.DEFINE_integer("workers", 1, "stream: grain worker processes.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "stream: interleaved rounds of before / now / tf.data.", flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.", flag_values=FLAGS)
 
 # Dense bf16 / fp32 (TF32 off) peak FLOP/s of the cards we report on.
@@ -50,7 +57,6 @@ PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16
 
 def _config(model: str, batch: int, dtype: str, image_size: int):
     from configs import cifar, imagenet
-    from resnet_jax import models
 
     if models.model_family(model) == "imagenet":
         config = imagenet.get_config(model)
@@ -95,20 +101,17 @@ def _flops(lowered, compiled) -> float:
 
 def synthetic_step(config, steps: int, warmup: int) -> dict:
     """Median time of the mapped train step on a fixed on-device batch."""
-    from resnet_jax import train
-    from resnet_jax.parallel import Parallel
-
     parallel = Parallel(config.parallel.backend)
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
-    acc = trainer.zero_accumulator()
+    acc = trainer.empty_accumulator()
     rng = np.random.default_rng(0)
     size, batch = config.data.image_size, config.train.batch_size
     host_batch = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
                   "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32),
                   "mask": np.ones(batch, np.float32)}
     device_batch = parallel.shard(host_batch)
-    step = trainer.stream_step
+    step = trainer.train_on_batch
     start = time.perf_counter()
     lowered = step.lower(state, device_batch, acc) if hasattr(step, "lower") else None
     compiled = lowered.compile() if lowered is not None else None
@@ -142,9 +145,6 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
 
 def device_end_to_end(config, steps: int, steps_per_dispatch: int, npz: str) -> dict:
     """train_and_evaluate on device-resident data; the median logged rate after the first window."""
-    from resnet_jax import train
-    from resnet_jax.reporting import read_metrics
-
     if npz:
         config.data.source, config.data.path = "npz", npz
         config.data.normalization = "per_pixel_mean"
@@ -160,20 +160,264 @@ def device_end_to_end(config, steps: int, steps_per_dispatch: int, npz: str) -> 
     return {"images_per_sec": rate, "ms_per_step": 1e3 * config.train.batch_size / rate}
 
 
-def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: int) -> dict:
+# --- data=stream: the host input pipeline against its former self and tf.data -----------
+
+
+def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """Real photographs at ImageNet-like sizes: random crops (sides 300-500 px; the photos are
+    427 px high) of scikit-learn's two sample photos, re-encoded at JPEG quality 75-95.
+    Photos, not noise: noise compresses and decodes unlike photographs."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos, rng, jpegs = load_sample_images().images, np.random.default_rng(seed), []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        height, width = photo.shape[:2]
+        w, h = int(rng.integers(300, min(width, 500) + 1)), int(rng.integers(300, min(height, 500) + 1))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        buffer = io.BytesIO()
+        Image.fromarray(photo[y:y + h, x:x + w]).save(buffer, "JPEG", quality=int(rng.integers(75, 96)))
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+class PhotoSource:
+    """In-memory JPEGs with the random access of `tfds.data_source` (what `_LoadBatch` reads)."""
+
+    def __init__(self, jpegs: list[bytes]):
+        self.jpegs = jpegs
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitems__(self, indices):
+        return [{"image": self.jpegs[i], "label": i % 1000} for i in indices]
+
+
+def _loaders(jpegs, size: int, batch: int):
+    """(before, after): the stream's loader as it was (full decode, float32 normalised by
+    the worker) and as it is (draft decoding, uint8 out)."""
     from resnet_jax.data import stream
 
-    if not tfds_name:
-        raise UserError("--data=stream needs --tfds_name of a prepared TFDS image dataset")
-    config.data.source, config.data.name, config.data.data_dir = "tfds", tfds_name, data_dir
-    config.data.workers, config.data.normalization = workers, "imagenet"
-    out = stream.measure_throughput(config, config.data.train_split, config.train.batch_size, batches)
-    return {"images_per_sec": out["images_per_s"], "images_per_sec_per_worker": out["images_per_s_per_worker"]}
+    class FullDecodeFloat32(stream._LoadBatch):
+        def __call__(self, index):
+            out = super().__call__(index)
+            return {**out, "image": stream.host_normalize(out["image"], out["mask"], "imagenet")}
+
+    kwargs = dict(train=True, num_examples=len(jpegs), global_batch=batch, local_batch=batch, process_index=0,
+                  seed=0, image_size=size, eval_resize=round(size * 256 / 224), flip=True)
+    return (FullDecodeFloat32(PhotoSource(jpegs), draft=False, **kwargs),
+            stream._LoadBatch(PhotoSource(jpegs), draft=True, **kwargs))
+
+
+def _in_process_rate(load, batches: int) -> tuple[float, float]:
+    """(images per second, images per CPU second) of one worker: the loader called in this
+    process, as a worker calls it. CPU seconds (this process's, all threads) are what a core
+    delivers whatever else the machine runs; wall seconds also count the waits for a core."""
+    load(0)  # warm (first-call costs: imports, allocations)
+    start, cpu = time.perf_counter(), time.process_time()
+    for index in range(1, batches + 1):
+        load(index)
+    images = batches * load.local_batch
+    return images / (time.perf_counter() - start), images / (time.process_time() - cpu)
+
+
+def _workers_rate(load, workers: int, batches: int) -> float:
+    """Images/s of `workers` grain processes feeding this one (shared memory included)."""
+    from resnet_jax.data import stream
+
+    iterator = stream.StreamIterator(load, num_batches=None, workers=workers, identity={})
+    try:
+        for _ in range(2 * workers):  # starting the workers and filling their buffers
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        return batches * load.local_batch / (time.perf_counter() - start)
+    finally:
+        iterator.close()
+
+
+def _stages(load, batches: int, normalise: bool) -> dict:
+    """CPU ms per image of read, decode, crop+resize, flip, collate (the loader's steps, each
+    timed by this process's CPU clock: one thread, so it is the work done, not the waits)."""
+    from PIL import Image
+
+    from resnet_jax.data import stream
+
+    clock, ms = time.process_time, dict.fromkeys(("read", "decode", "crop_resize", "flip", "collate"), 0.0)
+    for index in range(batches):
+        t0 = clock()
+        epoch, records = load._rows(index)
+        raw = load.source.__getitems__([int(r) for r in records])
+        ms["read"] += clock() - t0
+        pixels = np.zeros((load.local_batch, load.size, load.size, 3), np.uint8)
+        for row, (record, example) in enumerate(zip(records, raw)):
+            rng = np.random.default_rng([load.seed, 1, epoch, int(record)])
+            t0 = clock()
+            image, box = stream.decode(example["image"], load.box_of(rng), load.size, load.draft)
+            t1 = clock()
+            image = stream.crop_resize(image, box, load.size)
+            t2 = clock()
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            t3 = clock()
+            pixels[row] = np.asarray(image)
+            ms["decode"], ms["crop_resize"], ms["flip"] = (ms["decode"] + t1 - t0, ms["crop_resize"] + t2 - t1,
+                                                           ms["flip"] + t3 - t2)
+            ms["collate"] += clock() - t3
+        t0 = clock()
+        if normalise:
+            stream.host_normalize(pixels, np.ones(load.local_batch), "imagenet")
+        ms["collate"] += clock() - t0
+    return {k: 1e3 * v / (batches * load.local_batch) for k, v in ms.items()}
+
+
+def _tf_rate(jpegs, size: int, threads: int, batch: int, batches: int) -> float:
+    """(images/s, images per CPU second) of flax's imagenet example's train preprocessing in
+    tf.data on `threads` threads: sample_distorted_bounding_box + decode_and_crop_jpeg + bilinear resize + flip,
+    cast to uint8 (the same output as the stream's workers)."""
+    # TensorFlow here only, for the comparison: training never imports it (DESIGN.md).
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    def preprocess(jpeg):
+        begin, crop, _ = tf.image.sample_distorted_bounding_box(
+            tf.image.extract_jpeg_shape(jpeg), tf.zeros([0, 0, 4]), min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+            use_image_if_no_bounding_boxes=True)
+        window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+        image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+        image = tf.image.resize(image, [size, size], method="bilinear")
+        image = tf.image.random_flip_left_right(image)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size, options.threading.max_intra_op_parallelism = threads, 1
+    dataset = (tf.data.Dataset.from_tensor_slices(jpegs).repeat().map(preprocess, num_parallel_calls=threads)
+               .batch(batch).with_options(options))
+    iterator = iter(dataset)
+    next(iterator)
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        next(iterator)
+    # tf.data prefetches: stop its threads before reading the CPU clock, at the cost of
+    # counting a batch or two more of its work against it (small against `batches`).
+    del iterator
+    return batches * batch / (time.perf_counter() - start), batches * batch / (time.process_time() - cpu)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+
+
+def draft_difference(jpegs, size: int, eval_resize: int, draws: int = 4) -> dict:
+    """PSNR of draft decoding against a full decode, on the same boxes: train crops (`draws`
+    per JPEG) and eval center crops, over those the draft decodes at 1/2 or less; and the
+    share of train crops it decodes so."""
+    import io
+
+    from PIL import Image
+
+    from resnet_jax.data import stream
+
+    out = {}
+    for mode in ("train", "eval"):
+        load = stream._LoadBatch(PhotoSource(jpegs), train=mode == "train", num_examples=len(jpegs), global_batch=1,
+                                 local_batch=1, process_index=0, seed=0, image_size=size, eval_resize=eval_resize,
+                                 flip=False)
+        drafted, full, total = [], [], 0
+        for index, jpeg in enumerate(jpegs):
+            for draw in range(draws if mode == "train" else 1):
+                rng = lambda: np.random.default_rng([7, index, draw]) if mode == "train" else None
+                box = load.box_of(rng())
+                width, height = Image.open(io.BytesIO(jpeg)).size  # the header only
+                total += 1
+                if stream.draft_scale(*box(width, height)[2:], size) == 1:
+                    continue
+                load.draft = True
+                drafted.append(load.transform(jpeg, rng()))
+                load.draft = False
+                full.append(load.transform(jpeg, rng()))
+        out[f"{mode}_drafted_share"] = len(drafted) / total
+        out[f"{mode}_psnr_db"] = _psnr(np.stack(drafted), np.stack(full)) if drafted else None
+    return out
+
+
+def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: int, rounds: int) -> dict:
+    """Per-worker images/s before (full decode, float32 out) and after (draft, uint8 out), and
+    tf.data on one thread, interleaved `rounds` times on the same JPEGs; then `workers`
+    processes (threads for tf.data); the stage split; the draft's pixel difference."""
+    size, batch = config.data.image_size, config.train.batch_size
+    if tfds_name:  # a prepared dataset's own JPEGs instead of the photos
+        from resnet_jax.data import stream
+
+        source = stream._open(tfds_name, config.data.train_split, data_dir)
+        jpegs = [r["image"] for r in source.__getitems__(list(range(min(len(source), 512))))]
+    else:
+        jpegs = photo_jpegs(512)
+    before, after = _loaders(jpegs, size, batch)
+    rates = {"before": [], "after": [], "tf": []}  # (wall, cpu) images/s per round
+    for _ in range(rounds):  # interleaved, so load from other processes hits all three alike
+        rates["before"].append(_in_process_rate(before, batches))
+        rates["after"].append(_in_process_rate(after, batches))
+        rates["tf"].append(_tf_rate(jpegs, size, 1, batch, batches))
+    result = {"jpegs": len(jpegs), "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "rounds": rounds}
+    for clock, name in ((1, "cpu"), (0, "wall")):
+        series = {k: [r[clock] for r in v] for k, v in rates.items()}
+        suffix = "" if name == "cpu" else "_wall"
+        result.update({
+            f"images_per_sec_per_worker{suffix}": statistics.median(series["after"]),
+            f"before_per_worker{suffix}": statistics.median(series["before"]),
+            f"tf_data_per_thread{suffix}": statistics.median(series["tf"]),
+            f"ratio_vs_tf{suffix}": statistics.median([a / t for a, t in zip(series["after"], series["tf"])]),
+            f"ratio_vs_before{suffix}": statistics.median([a / b for a, b in zip(series["after"], series["before"])]),
+            f"spread_per_worker{suffix}": [min(series["after"]), max(series["after"])],
+            f"spread_before{suffix}": [min(series["before"]), max(series["before"])],
+            f"spread_tf{suffix}": [min(series["tf"]), max(series["tf"])],
+            f"spread_ratio_vs_tf{suffix}": [min(a / t for a, t in zip(series["after"], series["tf"])),
+                                            max(a / t for a, t in zip(series["after"], series["tf"]))]})
+    result["images_per_sec"] = result["images_per_sec_per_worker_wall"]  # what --workers deliver (wall)
+    if workers > 0:
+        result[f"images_per_sec_{workers}_workers"] = result["images_per_sec"] = _workers_rate(after, workers, batches)
+        result[f"before_{workers}_workers"] = _workers_rate(before, workers, batches)
+        result[f"tf_data_{workers}_threads"] = _tf_rate(jpegs, size, workers, batch, batches)[0]
+    result["stages_ms_after"] = _stages(after, batches, normalise=False)
+    result["stages_ms_before"] = _stages(before, batches, normalise=True)
+    result.update(draft_difference(jpegs[:128], size, before.eval_resize))
+    _print_stream_table(result, workers)
+    return result
+
+
+def _print_stream_table(result: dict, workers: int) -> None:
+    spread = lambda key: f"{result[key][0]:,.0f}-{result[key][1]:,.0f}"
+    for suffix, what in (("", "images per CPU second (one core's rate)"), ("_wall", "images per wall second")):
+        print(f"{what}, median of {result['rounds']} interleaved rounds (min-max):")
+        print(f"  stream before (full decode, float32):  {result['before_per_worker' + suffix]:8,.0f}  "
+              f"({spread('spread_before' + suffix)})")
+        print(f"  stream now (draft decode, uint8):      {result['images_per_sec_per_worker' + suffix]:8,.0f}  "
+              f"({spread('spread_per_worker' + suffix)})  x{result['ratio_vs_before' + suffix]:.2f} of before")
+        low, high = result["spread_ratio_vs_tf" + suffix]
+        print(f"  tf.data decode_and_crop_jpeg:          {result['tf_data_per_thread' + suffix]:8,.0f}  "
+              f"({spread('spread_tf' + suffix)})  stream/tf.data = {result['ratio_vs_tf' + suffix]:.2f} "
+              f"({low:.2f}-{high:.2f})")
+    if workers > 0:
+        print(f"{workers} workers: stream {result[f'images_per_sec_{workers}_workers']:,.0f}, before "
+              f"{result[f'before_{workers}_workers']:,.0f}, tf.data ({workers} threads) "
+              f"{result[f'tf_data_{workers}_threads']:,.0f} images/s")
+    for key in ("stages_ms_before", "stages_ms_after"):
+        print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items())
+              + f" (total {sum(result[key].values()):.3f} ms/image)")
+    for mode in ("train", "eval"):
+        psnr = result[f"{mode}_psnr_db"]
+        print(f"draft vs full decode, {mode}: {100 * result[f'{mode}_drafted_share']:.0f}% of crops drafted, "
+              + (f"PSNR {psnr:.1f} dB" if psnr is not None else "no crop drafted: identical pixels"))
 
 
 def run(argv) -> dict:
-    from resnet_jax import models
-
     try:
         family = models.model_family(FLAGS.model)
     except ValueError as error:
@@ -187,11 +431,12 @@ def run(argv) -> dict:
     elif FLAGS.data == "device":
         result = device_end_to_end(config, FLAGS.steps, FLAGS.steps_per_dispatch, FLAGS.npz)
     else:
-        result = stream_rate(config, FLAGS.tfds_name, FLAGS.data_dir, FLAGS.workers, FLAGS.steps)
+        result = stream_rate(config, FLAGS.tfds_name, FLAGS.data_dir, FLAGS.workers, FLAGS.steps, FLAGS.rounds)
     row = {"model": FLAGS.model, "batch": FLAGS.batch, "dtype": FLAGS.dtype, "image_size": image_size,
            "data": FLAGS.data, "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
            "jax": jax.__version__, **result}
-    cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None]
+    cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+             if v is not None and not isinstance(v, (dict, list))]  # the stream's splits: in the table and --json
     print("RESULT " + " ".join(cells), flush=True)
     if FLAGS.json:
         with open(FLAGS.json, "a") as f:

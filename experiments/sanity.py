@@ -36,11 +36,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import analysis_common as common
+from resnet_jax import config as config_lib
+from resnet_jax import optim, steps
+from resnet_jax.data import device as device_data
+from resnet_jax.data import sources
 from resnet_jax.errors import UserError
 
 FLAGS = flags.FlagValues()  # the module's own: the analyses can share a process (tests)
@@ -66,13 +69,6 @@ class Check(NamedTuple):
 
 def _setup(config):
     """The trainer's model, initial state, optimiser and the fixed normalised images."""
-    # Trainer internals used here (see analysis_common.load_run for the analyses' others).
-    from resnet_jax import config as config_lib
-    from resnet_jax import optim
-    from resnet_jax.data import device as device_data
-    from resnet_jax.data import sources
-    from resnet_jax.train import build_model, create_train_state
-
     config_lib.validate(config, jax.device_count())
     train = sources.load_split(config.data, config.data.train_split)
     mean, std = device_data.normalization_stats(config.data, train)
@@ -80,8 +76,8 @@ def _setup(config):
     total = config_lib.steps(config.train.total_steps, config.train.total_epochs, steps_per_epoch)
     schedule = optim.make_schedule(config.optim, steps_per_epoch, total)
     tx = optim.make_optimizer(config.optim, schedule)
-    model = build_model(config)
-    state = create_train_state(model, tx, config.train.seed, tuple(train.images.shape[1:]))
+    model = steps.build_model(config)
+    state = steps.create_train_state(model, tx, config.train.seed, tuple(train.images.shape[1:]))
     return model, state, tx, schedule, train, (np.asarray(mean, np.float32), np.asarray(std, np.float32))
 
 
@@ -106,31 +102,32 @@ def run_checks(config, *, examples: int = 64, max_steps: int = 300, loss_toleran
     num_classes = config.data.num_classes
     dropout_key = jax.random.PRNGKey(config.train.seed + 1)
 
-    def loss_fn(params, batch_stats, key):
-        logits, updated = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"], rngs={"dropout": key})
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits, updated["batch_stats"])
+    batch = {"image": x, "label": y}
 
     @jax.jit
-    def step(params, batch_stats, opt_state, key):
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
+    def step(state, key):
+        """The trainer's own step, on one device (no collectives)."""
+        return steps.train_step(state, batch, key, model=model, tx=tx, bn_sync=True, axis_name=None)
+
+    @jax.jit
+    def gradients(state, key):
+        """What that step's update starts from: its loss, logits and gradients."""
+        loss, logits, _, grads = steps.loss_and_grads(state.params, state.batch_stats, batch, key, model=model)
         nonzero = jax.tree.map(lambda g: jnp.any(g != 0) & jnp.all(jnp.isfinite(g)), grads)
         zeros = sum(jnp.sum(g == 0) for g in jax.tree.leaves(grads))
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss, logits, nonzero, zeros
+        return loss, logits, nonzero, zeros
 
     @jax.jit
     def accuracy(params, batch_stats):
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         return jnp.mean(jnp.argmax(logits, -1) == y)
 
-    params, batch_stats, opt_state = state.params, state.batch_stats, state.opt_state
     checks = []
 
     # 1. Initial loss (the first step's forward pass is exactly it).
-    first = step(params, batch_stats, opt_state, jax.random.fold_in(dropout_key, 0))
-    loss0, logits0 = float(first[3]), np.asarray(first[4])
+    key = lambda number: jax.random.fold_in(dropout_key, number - 1)  # the key of step `number` (1, 2, ...)
+    first = gradients(state, key(1))
+    loss0, logits0 = float(first[0]), np.asarray(first[1])
     expected = math.log(num_classes)
     allowed = loss_tolerance * expected
     checks.append(Check("initial loss", bool(abs(loss0 - expected) <= allowed),
@@ -139,22 +136,22 @@ def run_checks(config, *, examples: int = 64, max_steps: int = 300, loss_toleran
                         f"{float(np.std(logits0)):.3f}"))
 
     # 2 and 3. Train on the fixed images; gradients of the first two steps.
-    initial = (params, batch_stats)
-    nonzero_at_init, zeros_at_init = jax.device_get(first[5]), int(first[6])
+    initial = (state.params, state.batch_stats)
+    nonzero_at_init, zeros_at_init = jax.device_get(first[2]), int(first[3])
     nonzero = nonzero_at_init
-    params, batch_stats, opt_state = first[0], first[1], first[2]
+    state, _ = step(state, key(1))
     losses, reached, bad_step = [loss0], None, None
-    for number in range(2, max_steps + 1):  # step 1 was `first`
-        params, batch_stats, opt_state, loss, _, step_nonzero, _ = step(
-            params, batch_stats, opt_state, jax.random.fold_in(dropout_key, number - 1))
+    for number in range(2, max_steps + 1):  # step 1 is done
         if number == 2:
+            step_nonzero = gradients(state, key(2))[2]
             nonzero = jax.tree.map(lambda a, b: bool(a) or bool(b), nonzero, jax.device_get(step_nonzero))
+        state, metrics = step(state, key(number))
         if number % CHECK_EVERY == 0 or number == max_steps:
-            losses.append(float(loss))
+            losses.append(float(metrics["loss"]))
             if not math.isfinite(losses[-1]):
                 bad_step = number
                 break
-            if float(accuracy(params, batch_stats)) == 1.0:
+            if float(accuracy(state.params, state.batch_stats)) == 1.0:
                 reached = number
                 break
     flags_ = jax.tree.leaves(nonzero)
@@ -175,7 +172,8 @@ def run_checks(config, *, examples: int = 64, max_steps: int = 300, loss_toleran
     elif bad_step is not None:
         detail = f"loss became {losses[-1]} by step {bad_step} (lr at step 0 {lr0:g}); no overfit"
     else:
-        detail = (f"accuracy {100 * float(accuracy(params, batch_stats)):.1f} % on {examples} images after "
+        final_accuracy = float(accuracy(state.params, state.batch_stats))
+        detail = (f"accuracy {100 * final_accuracy:.1f} % on {examples} images after "
                   f"{max_steps} steps (needs 100 %); loss {loss0:.3f} -> {losses[-1]:.4f}; lr at step 0 {lr0:g}")
     checks.append(Check(f"overfit {examples} images", reached is not None, detail))
 

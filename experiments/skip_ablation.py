@@ -106,11 +106,11 @@ def probe_batch(data=None, batch: int = 128):
     """`batch` normalised training images and labels, as the trainer normalises them: the
     first images of `data.train_split` (a config's data section; None: random 32x32 images).
     Returns (float32 [B,H,W,C], int32 [B])."""
-    from resnet_jax.data import pipeline
+    from experiments import analysis_common
 
     if data is None:
         data = runs.make_run("probe", "resnet20,synthetic").config().data
-    return pipeline.training_examples(data, batch)
+    return analysis_common.training_examples(data, batch)
 
 
 def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_overrides) -> dict:
@@ -124,9 +124,8 @@ def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_ove
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from resnet_jax import models
+    from resnet_jax import models, steps
 
     model = models.create(model_name, num_classes=10, family="cifar", **model_overrides)
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *images.shape[1:])), train=False))()
@@ -138,7 +137,7 @@ def gradient_profile(model_name: str, images, labels, seed: int = 0, **model_ove
         def loss_fn(params):
             logits, state = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                         mutable=["batch_stats", "intermediates"], capture_intermediates=is_conv)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            loss = steps.cross_entropy(logits, labels).mean()
             return loss, state["intermediates"]
 
         (loss, captured), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

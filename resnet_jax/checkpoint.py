@@ -164,9 +164,10 @@ class Checkpoints:
         return state, restored.meta, candidate
 
     def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
-        """Restores only {"params", "batch_stats"} (no optimiser state) and meta."""
+        """Restores only {"params", "batch_stats"} (no optimiser state) and meta. For reading
+        a run, not resuming it: unreadable newer steps are skipped, never set aside."""
         args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore())
-        found = self._restore(args, step)
+        found = self._restore(args, step, set_aside=False)
         if found is None:
             return None
         restored, candidate = found
@@ -180,7 +181,7 @@ class Checkpoints:
             return None
         return None if meta_problem(meta) else dict(meta)
 
-    def _restore(self, args, step: int | None):
+    def _restore(self, args, step: int | None, set_aside: bool = True):
         steps = self.steps()
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
@@ -199,7 +200,7 @@ class Checkpoints:
                 _warn(f"checkpoint {candidate} in {self.directory} is unreadable ({problem}); trying the one before")
                 unreadable.append(candidate)
                 continue
-            if step is None:
+            if step is None and set_aside:
                 self._set_aside(unreadable)
             return restored, candidate
         if steps:

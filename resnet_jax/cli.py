@@ -24,7 +24,9 @@ from typing import NoReturn
 
 from absl import flags
 
-from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, USER_ERROR_EXIT, UserError
+from ml_collections import config_flags
+
+from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, USER_ERROR_EXIT, NonFinite, Preempted, UserError
 
 HELP = ("-h", "-help", "--help", "-helpshort", "--helpshort", "-?")
 HELPFULL = ("-helpfull", "--helpfull")
@@ -49,15 +51,12 @@ def errors_exit() -> Iterator[None]:
         yield
     except UserError as error:
         fail(str(error))
+    except Preempted as error:
+        fail(str(error), PREEMPTED_EXIT)
+    except NonFinite as error:
+        fail(str(error), NONFINITE_EXIT)
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume", PREEMPTED_EXIT)
-    except Exception as error:
-        train = sys.modules.get("resnet_jax.train")  # only its own exceptions are expected here
-        if train is not None and isinstance(error, train.Preempted):
-            fail(str(error), PREEMPTED_EXIT)
-        if train is not None and isinstance(error, train.NonFinite):
-            fail(str(error), NONFINITE_EXIT)
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,8 +205,6 @@ def config_from_args(args: Sequence[str]):
     Raises:
       UserError: as `parse_flags`.
     """
-    from ml_collections import config_flags
-
     argv = ["resnet_jax.main", *(a for a in args if a.startswith(("--config=", "--config.")))]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)

@@ -4,6 +4,8 @@ Recipes in `configs/` start from `default_config()` and change what their family
 Every field can be overridden on the command line (`--config.train.total_steps=1000`).
 """
 
+import os
+
 import ml_collections
 
 from resnet_jax import models
@@ -66,6 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
     data.synthetic_examples = 2048
     data.workers = 0  # stream pipeline: grain worker processes (0 = in the main process)
     data.eval_resize = 256  # stream pipeline: shorter side before the center crop
+    # stream pipeline: decode a JPEG at 1/2, 1/4 or 1/8 scale when its crop is that many times
+    # the output on each side (faster; pixels differ slightly, see data/stream.py); False:
+    # always a full decode.
+    data.jpeg_draft = True
     data.shuffle_buffer = 0
 
     config.train = train = ml_collections.ConfigDict()
@@ -182,8 +188,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if data.source == "npz" and not data.path:
         raise UserError("data.source=npz needs data.path=FILE.npz")
     if data.source == "npz":
-        import os
-
         if not os.path.isfile(data.path):
             raise UserError(f"data file not found: {data.path}")
     if data.pipeline == "stream" and data.source != "tfds":

@@ -36,11 +36,17 @@ import os
 import sys
 from typing import Any
 
+import jax
 import numpy as np
+import safetensors.numpy
 from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
-from resnet_jax import torch_files
+from resnet_jax import cli, models, restore, rundir, steps, torch_files
+from resnet_jax import config as config_lib
+from resnet_jax.checkpoint import Checkpoints
+from resnet_jax.data import IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.errors import UserError
 
 # What each --format holds: its model family and its names for the modules that differ.
@@ -128,8 +134,6 @@ def layout(variables: dict, fmt: str) -> dict[str, tuple[str, tuple[str, ...], t
     Args:
       variables: {"params": ..., "batch_stats": ...} of arrays or ShapeDtypeStructs.
     """
-    from flax import traverse_util
-
     out = {}
     for collection in ("params", "batch_stats"):
         for path, leaf in traverse_util.flatten_dict(variables[collection]).items():
@@ -195,8 +199,6 @@ def from_state_dict(state_dict: dict[str, np.ndarray], fmt: str, abstract: dict,
       UserError: naming the first key (in the file's order) the model has no place for or
         whose shape differs, or else the first key the model needs that the file lacks.
     """
-    from flax import traverse_util
-
     expected = layout(abstract, fmt)
     counters = set(bn_counters(abstract, fmt))
     hint = "check --config (model, data.num_classes) and --format"
@@ -235,8 +237,6 @@ def to_state_dict(params: Any, batch_stats: Any, fmt: str, batches_tracked: int 
         `load_state_dict` wants the key; with a momentum set, torch does not use it).
     """
     variables = {"params": params, "batch_stats": batch_stats}
-    from flax import traverse_util
-
     out = {}
     for collection in ("params", "batch_stats"):
         for path, leaf in traverse_util.flatten_dict(variables[collection]).items():
@@ -264,64 +264,14 @@ def _torch_order(key: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------
-# Runs: the few names this module takes from the trainer's modules live here.
+# Runs.
 
 
 def _family(config) -> str:
-    from resnet_jax import models
-
     try:
         return config.model.family or models.model_family(config.model.name)
     except ValueError as error:
         raise UserError(str(error)) from None
-
-
-def _image_shape(config) -> tuple[int, int, int]:
-    return (config.data.image_size, config.data.image_size, 3)  # torch's ResNets take RGB
-
-
-def _restore_variables(workdir: str, which: str | int = "best") -> tuple[Any, dict, Any]:
-    """(config, {"params", "batch_stats"} as numpy, step) of a run's checkpoint: `which` is
-    "best" (the best evaluated one, else the latest), "latest" or a step.
-
-    Raises:
-      UserError: no run or no readable checkpoint in `workdir`.
-    """
-    import jax
-
-    from resnet_jax import evaluate, train
-    from resnet_jax import workdir as workdir_lib
-    from resnet_jax.checkpoint import CheckpointReader, abstract_like, read_retrying
-
-    config = evaluate.load_config(workdir)
-    directory = os.path.join(workdir, "checkpoints")
-    if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
-        raise UserError(f"no checkpoints in {directory}: the run has not saved one yet")
-    which = evaluate.parse_checkpoint(which)
-    # Read-only: the run may be training at this moment (see CheckpointReader).
-    checkpoints = CheckpointReader(workdir, lambda: workdir_lib.live_holder(workdir))
-
-    def read():
-        steps = sorted(checkpoints.steps(), reverse=True)
-        if isinstance(which, int) and which not in steps:
-            raise UserError(f"no checkpoint at step {which} in {directory}; have {sorted(steps)}")
-        step = which if isinstance(which, int) else None
-        meta = next((m for m in map(checkpoints.read_meta, steps) if m is not None), None) or {}
-        if which == "best" and meta.get("best_step") in steps:
-            step = int(meta["best_step"])
-        image_shape = tuple(meta.get("image_shape") or _image_shape(config))
-        abstract = train.abstract_variables(config, image_shape)
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return checkpoints.restore_variables(abstract_like(abstract, sharding), step)
-
-    try:
-        restored = read_retrying(read, checkpoints.directory)
-    finally:
-        checkpoints.close()
-    if restored is None:
-        raise UserError(f"no checkpoints in {directory}")
-    variables, _, step = restored
-    return config, jax.tree.map(np.asarray, jax.device_get(variables)), step
 
 
 def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
@@ -340,14 +290,6 @@ def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
     Raises:
       UserError: before anything is written.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from resnet_jax import config as config_lib, optim, train
-    from resnet_jax import workdir as workdir_lib
-    from resnet_jax.checkpoint import Checkpoints
-    from resnet_jax.data import IMAGENET_MEAN, IMAGENET_STD
-
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     config = config.copy_and_resolve_references()
@@ -361,7 +303,8 @@ def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
                         f"but {model} is {'an' if family == 'imagenet' else 'a'} {kind[family]} net; use "
                         f"--format={FORMAT_OF_FAMILY[family]} or another --config")
 
-    abstract = train.abstract_variables(config, _image_shape(config))
+    image_shape = restore.default_image_shape(config)  # torch's ResNets take RGB
+    abstract = steps.abstract_variables(config, image_shape)
     # Nothing beyond what the model can hold is allocated: the storages are bound by its
     # state's size, and each tensor is read only once its shape is the model's.
     loaded = torch_files.load(file, max_bytes=state_bytes_bound(abstract, fmt),
@@ -375,23 +318,19 @@ def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
                                                                   and os.listdir(checkpoint_dir))):
         raise UserError(f"{workdir} already holds a run; use a new workdir or --config.overwrite=True to replace it")
 
-    schedule = optim.make_schedule(config.optim, 1, max(config.train.total_steps, 1))  # only its form matters
-    tx = optim.make_optimizer(config.optim, schedule)
-    params, batch_stats = jax.tree.map(jnp.asarray, (params, batch_stats))
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+    state = restore.new_state(config, params, batch_stats)
     with open(file, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    meta = {"step": 0, "best_error": None, "best_step": None, "evals_since_best": 0, "stopped_early": None,
-            "data_state": None, "image_shape": list(_image_shape(config)),
-            "normalization": {"mean": np.asarray(IMAGENET_MEAN, np.float32).tolist(),
-                              "std": np.asarray(IMAGENET_STD, np.float32).tolist()},
-            "imported_from": {"file": os.path.abspath(file), "format": fmt, "sha256": sha256}}
+    meta = rundir.RunMeta(step=0, image_shape=list(image_shape),
+                          normalization={"mean": np.asarray(IMAGENET_MEAN, np.float32).tolist(),
+                                         "std": np.asarray(IMAGENET_STD, np.float32).tolist()},
+                          imported_from={"file": os.path.abspath(file), "format": fmt, "sha256": sha256})
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    lock = workdir_lib.prepare(config, workdir, state_bytes)
+    lock = rundir.prepare(config, workdir, state_bytes)
     try:
         checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
         try:
-            checkpoints.save(0, state, meta)
+            checkpoints.save(0, state, meta.to_json())
         finally:
             checkpoints.close()
     finally:
@@ -409,68 +348,19 @@ def export_weights(workdir: str, file: str, checkpoint: str | int = "best") -> d
     Raises:
       UserError: no run or checkpoint; a file name that is not .safetensors.
     """
-    import safetensors.numpy
-
     if not file.endswith(".safetensors"):
         raise UserError(f"export writes .safetensors; name the file like OUT.safetensors, not {file!r}")
-    config, variables, step = _restore_variables(workdir, checkpoint)
-    fmt = FORMAT_OF_FAMILY[_family(config)]
-    state_dict = to_state_dict(variables["params"], variables["batch_stats"], fmt, batches_tracked=step)
+    run = restore.load(workdir, checkpoint)  # says when "best" falls back
+    fmt = FORMAT_OF_FAMILY[_family(run.config)]
+    state_dict = to_state_dict(run.variables["params"], run.variables["batch_stats"], fmt,
+                               batches_tracked=run.step)
     partial = f"{file}.partial"
     try:
         safetensors.numpy.save_file(state_dict, partial, metadata={"format": "pt"})
         os.replace(partial, file)  # a complete file or none
     except OSError as error:
         raise UserError(f"cannot write {file}: {error.strerror or error}") from None
-    return {"file": file, "format": fmt, "step": step, "tensors": len(state_dict)}
-
-
-def load_initial_weights(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any, list[str], list[str]]:
-    """Fine-tuning: the params and BN statistics of the run in `path` where they fit.
-
-    Every variable of `params`/`batch_stats` whose path and shape the run in `path` has is
-    taken from there; the others (a head for another number of classes, say) keep the values
-    given (a fresh initialisation).
-
-    Args:
-      path: a workdir: one written by `import`, or any run's (its best checkpoint, else
-        its latest).
-      params, batch_stats: the new run's freshly initialised variables (host arrays).
-
-    Returns:
-      (params, batch_stats, loaded, fresh): loaded and fresh are variable names such as
-      "params/head/kernel"; loaded arrays are numpy float32.
-
-    Raises:
-      UserError: `path` is no run, or nothing in it fits the model.
-    """
-    if os.path.isfile(path):
-        raise UserError(f"train.init_from={path} is a file; convert it into a workdir first: "
-                        "python -m resnet_jax.convert import --format=... --file=... --config=... --workdir=DIR")
-    _, source, _ = _restore_variables(path, "best")
-    merged, loaded, fresh = _merge(source, {"params": params, "batch_stats": batch_stats})
-    if not loaded:
-        raise UserError(f"nothing in {path} fits this model (its variables differ in name or shape): "
-                        "is train.init_from the right run?")
-    return merged["params"], merged["batch_stats"], loaded, fresh
-
-
-def _merge(source: dict, target: dict) -> tuple[dict, list[str], list[str]]:
-    """`target` with every leaf of the same path and shape in `source` taken from there."""
-    from flax import traverse_util
-
-    have = traverse_util.flatten_dict(source)
-    merged, loaded, fresh = {}, [], []
-    for path, leaf in traverse_util.flatten_dict(target).items():
-        name = "/".join(path)
-        candidate = have.get(path)
-        if candidate is not None and tuple(np.shape(candidate)) == tuple(np.shape(leaf)):
-            merged[path] = np.asarray(candidate, np.asarray(leaf).dtype)
-            loaded.append(name)
-        else:
-            merged[path] = leaf
-            fresh.append(name)
-    return traverse_util.unflatten_dict(merged), loaded, fresh
+    return {"file": file, "format": fmt, "step": run.step, "tensors": len(state_dict)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -480,8 +370,6 @@ COMMANDS = {"import": IMPORT, "export": EXPORT}
 
 
 def _help() -> str:
-    from resnet_jax import cli
-
     parts = [__doc__.strip(), ""]
     for name, flag_values in COMMANDS.items():
         parts += [f"{name} " + cli.help_text(flag_values, "").strip(), ""]  # "import flags:\n ..."
@@ -490,8 +378,6 @@ def _help() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m resnet_jax.convert import|export --flag=...` (`--help` for the flags)."""
-    from resnet_jax import cli
-
     argv = list(sys.argv if argv is None else argv)
     program, args = argv[0], argv[1:]
     with cli.errors_exit():

@@ -12,6 +12,14 @@ class UserError(Exception):
     """Something the user can fix. The entry points print `error: <message>` and exit 2."""
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was written; the same command resumes (exit 3)."""
+
+
+class NonFinite(Exception):
+    """The loss or gradient became NaN/inf; the last good checkpoint is untouched (exit 4)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Storage that fills up, and files whose JSON is of the wrong kind: the messages they get.
 

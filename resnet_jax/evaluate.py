@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -26,76 +25,23 @@ import ml_collections
 from absl import flags
 import numpy as np
 
+from resnet_jax import cli, restore, rundir
 from resnet_jax import config as config_lib
-from resnet_jax import workdir as workdir_lib
-from resnet_jax.checkpoint import CheckpointReader, Vanished, abstract_like, read_retrying
+from resnet_jax import metrics as metrics_lib
+from resnet_jax import reporting
 from resnet_jax.data import pipeline, sources
 from resnet_jax.errors import UserError
 from resnet_jax.parallel import Parallel
-
-# resnet_jax.train (optax, sklearn, tensorboardX), figures (matplotlib) and data.stream (grain)
-# are imported once a run has been found, so that bad input fails in a second or two.
+from resnet_jax.steps import build_model
 
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
-CHECKPOINT_CHOICES = ("best", "latest")
 MAX_MISTAKES = 32  # images in mistakes.png (4 rows of 8)
 ACTIVATION_IMAGES = 4  # rows in activations.png
 
 
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------
-# The run's config.
-
-
-def _read_flat(workdir: str) -> dict[str, Any]:
-    """config.json as written by the trainer: {"model.name": ..., "train.batch_size": ...}."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isdir(workdir):
-        raise UserError(f"no run in {workdir} (no such directory)")
-    if not os.path.isfile(path):
-        raise UserError(f"no run in {workdir} (config.json missing)")
-    try:
-        with open(path) as f:
-            flat = json.load(f)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(flat, dict):
-        raise UserError(f"{path} is not a JSON object of dotted keys")
-    return flat
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The ConfigDict a run was trained with, rebuilt from `workdir/config.json`.
-
-    config.json holds the config flattened to dotted keys, tuples stored as JSON lists; this
-    starts from `config.default_config()` and sets every key, turning lists back into tuples
-    where the default is a tuple. Keys the defaults lack (a newer or older schema) are added
-    as they are, so nothing the run recorded is dropped.
-
-    Raises:
-      UserError: no workdir, no or unreadable config.json, or a value of the wrong type.
-    """
-    path = os.path.join(workdir, "config.json")
-    flat = _read_flat(workdir)
-    config = config_lib.default_config()
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = config
-        try:
-            for parent in parents:
-                if parent not in node:
-                    node[parent] = ml_collections.ConfigDict()
-                node = node[parent]
-            if isinstance(node.get(leaf), tuple) and isinstance(value, list):
-                value = tuple(value)
-            node[leaf] = value
-        except (TypeError, ValueError, AttributeError, KeyError) as error:
-            raise UserError(f"{path}: cannot set {key}={value!r}: {str(error).splitlines()[0]}") from None
-    return config
+# The run's labels and split.
 
 
 def class_names(data: ml_collections.ConfigDict) -> list[str]:
@@ -107,7 +53,7 @@ def class_names(data: ml_collections.ConfigDict) -> list[str]:
         return [str(i) for i in range(count)]
     if data.source == "tfds":
         try:  # dataset_info.json of the prepared dataset; anything wrong -> indices
-            import tensorflow_datasets as tfds
+            import tensorflow_datasets as tfds  # heavy: only TFDS runs have its label names
 
             names = tfds.builder(data.name, data_dir=data.data_dir or None).info.features["label"].names
             if len(names) == count:
@@ -117,80 +63,12 @@ def class_names(data: ml_collections.ConfigDict) -> list[str]:
     return [str(i) for i in range(count)]
 
 
-# ---------------------------------------------------------------------------------------
-# Arguments: split and checkpoint.
-
-
 def resolve_split(config: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
     """(name, spec): a name from data.eval_splits, or any split spec used as its own name."""
     named = config_lib.parse_splits(config.data.eval_splits)
     if split in named:
         return split, named[split]
     return split, split
-
-
-def parse_checkpoint(checkpoint: str | int) -> str | int:
-    """"best", "latest" or a step number (int)."""
-    text = str(checkpoint).strip()
-    if text in CHECKPOINT_CHOICES:
-        return text
-    if text.isdigit():
-        return int(text)
-    raise UserError(f"--checkpoint must be best, latest or a step number, got {checkpoint!r}")
-
-
-def _checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
-def _saved_steps(workdir: str) -> list[int]:
-    """Steps on disk, without creating anything (Orbax's manager would make the folder)."""
-    directory = _checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
-
-
-def layout_meta(checkpoints: CheckpointReader, target: int | None) -> dict:
-    """The metadata of the step to read (`target`, or the newest), which says how to build
-    the model's input (image_shape) and normalise it.
-
-    Raises:
-      Vanished: the step disappeared (choose again).
-      UserError: it is unreadable, or of a resnet_jax that did not record normalisation.
-    """
-    steps = checkpoints.steps()
-    if not steps:
-        raise Vanished(target)
-    step = target if target is not None else steps[-1]
-    meta = checkpoints.read_meta(step)
-    if meta is None:
-        if target is None and len(steps) > 1:  # the newest is unreadable: the restore falls back
-            return layout_meta(checkpoints, steps[-2])
-        raise checkpoints.nothing_readable(steps) if target is None else UserError(
-            f"checkpoint {step} in {checkpoints.directory} is unreadable; choose another step (--checkpoint)")
-    if "normalization" not in meta or "image_shape" not in meta:
-        raise UserError(f"checkpoint {step} in {checkpoints.directory} carries no normalisation statistics "
-                        "(written by an older resnet_jax); train the run again")
-    return meta
-
-
-def _choose_step(checkpoints, which: str | int) -> tuple[int | None, str | None]:
-    """The step to restore (None: the newest readable) and a note on any fallback."""
-    if not isinstance(which, str):
-        return which, None
-    if which == "latest":
-        return None, None
-    steps = sorted(checkpoints.steps(), reverse=True)
-    meta = next((m for m in (checkpoints.read_meta(s) for s in steps) if m is not None), None)
-    best = None if meta is None else meta.get("best_step")
-    if best is None:
-        return None, "no best step recorded (the run has not evaluated yet); using the latest checkpoint"
-    if int(best) not in steps:
-        return None, (f"the best step {best} is no longer on disk (have {sorted(steps)}); "
-                      "using the latest checkpoint")
-    return int(best), None
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,8 +101,6 @@ class _MistakeImages:
         self.limit, self.kept = limit, {}  # global index -> (confidence, image)
 
     def add(self, offset: int, labels, logits, images) -> None:
-        from resnet_jax import metrics as metrics_lib
-
         index, _, confidence = metrics_lib.most_confident_mistakes(labels, logits, self.limit, from_logits=True)
         for i, c in zip(index, confidence):
             self.kept[offset + int(i)] = (float(c), images[i])
@@ -363,13 +239,9 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
       UserError: no run, no checkpoint, an unknown split or step.
     """
     workdir = os.path.expanduser(workdir)
-    config = load_config(workdir)
-    which = parse_checkpoint(checkpoint)
-    saved = _saved_steps(workdir)
-    if not saved:
-        raise UserError(f"no checkpoints in {_checkpoint_dir(workdir)}: the run has not saved one yet")
-    if isinstance(which, int) and which not in saved:
-        raise UserError(f"no checkpoint at step {which} in {_checkpoint_dir(workdir)}; have {saved}")
+    config = rundir.load_config(workdir)
+    which = rundir.parse_checkpoint(checkpoint)
+    rundir.check_checkpoint(workdir, which)  # before the split, which is slower to check
     split_name, spec = resolve_split(config, split)
     data = config.data
 
@@ -377,7 +249,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
         if data.pipeline == "device":
             sources.load_split(data, spec)
         else:
-            from resnet_jax.data import stream
+            from resnet_jax.data import stream  # grain: only streamed runs need it
 
             stream.num_examples(data.name, spec, data.data_dir)
     except UserError as error:
@@ -388,33 +260,13 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
                             f"split of {data.name} ({reason[len(prefix):]})") from None
         raise UserError(f"{reason} (this run's eval splits: {eval_names})") from None
 
-    from resnet_jax import figures, metrics as metrics_lib, reporting
-    from resnet_jax.train import abstract_variables, build_model
+    from resnet_jax import figures  # matplotlib: imported once the input has been checked
 
     parallel = Parallel(config.parallel.backend)
-    checkpoints = CheckpointReader(workdir, lambda: workdir_lib.live_holder(workdir))
-
-    def read():
-        if isinstance(which, int) and which not in checkpoints.steps():
-            raise UserError(f"no checkpoint at step {which} in {checkpoints.directory}; have {checkpoints.steps()}")
-        target, note = _choose_step(checkpoints, which)
-        meta = layout_meta(checkpoints, target)
-        abstract = abstract_variables(config, tuple(meta["image_shape"]))
-        return checkpoints.restore_variables(abstract_like(abstract, parallel.replicated), target), note
-
-    try:
-        restored, note = read_retrying(read, checkpoints.directory)
-    finally:
-        checkpoints.close()
-    if restored is None:  # every step vanished: the run was started over
-        raise UserError(f"no checkpoints in {checkpoints.directory}")
-    variables, meta, step = restored
-    variables = parallel.from_global(variables)
-    if note:
-        _note(note)
+    run = restore.load(workdir, which, sharding=parallel.replicated)  # says when "best" falls back
+    normalization = run.normalization()
+    variables, step, note = parallel.from_global(run.variables), run.step, run.note
     model = build_model(config)
-    normalization = (np.asarray(meta["normalization"]["mean"], np.float32),
-                     np.asarray(meta["normalization"]["std"], np.float32))
     names = class_names(data)
     logits, labels, mistakes, inputs, display = _predictions(config, parallel, model, variables, spec, normalization)
 
@@ -457,7 +309,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(_markdown(metrics, _read_flat(workdir), files))
+        f.write(_markdown(metrics, rundir.read_flat(workdir), files))
     metrics["out_dir"] = os.path.abspath(out_dir)
     if jax.process_index() == 0:
         logged = metrics["recorded_error"]
@@ -487,8 +339,6 @@ def main(argv: list[str] | None = None) -> None:
     Args:
       argv: [prog, *arguments] (sys.argv by default).
     """
-    from resnet_jax import cli
-
     with cli.errors_exit():
         cli.parse_flags(FLAGS, argv, __doc__)
         if FLAGS.workdir is None:

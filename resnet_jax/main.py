@@ -11,14 +11,15 @@ Running the same command again resumes from the workdir's latest checkpoint. Mul
 TPU pod, where JAX finds its peers itself.
 """
 
-import importlib.util
 import os
 import sys
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
 from resnet_jax import cli as cli_lib
+from resnet_jax import convert, evaluate, train
 from resnet_jax.errors import UserError
 
 FLAGS = flags.FlagValues()
@@ -40,8 +41,6 @@ COMMANDS = {
 
 
 def initialize_distributed() -> None:
-    import jax
-
     if FLAGS.coordinator or FLAGS.num_processes:
         if not (FLAGS.coordinator and FLAGS.num_processes and FLAGS.process_id is not None):
             raise UserError("multi-host needs --coordinator, --num_processes and --process_id together")
@@ -59,22 +58,15 @@ def main(argv=None) -> None:
         if FLAGS.workdir is None:
             raise UserError("--workdir is required")
         initialize_distributed()
-        from resnet_jax import train
-
         train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
 
 
 def usage() -> str:
     """What `resnet-jax` alone prints: its sub-commands."""
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items() if name != "convert" or _has_convert()]
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
     return ("usage: resnet-jax COMMAND [flags]   (`resnet-jax COMMAND --help` for its flags)\n\ncommands:\n"
             + "\n".join(lines) + "\n\nexample: resnet-jax train --config=cifar:resnet20 --workdir=runs/r20\n")
-
-
-def _has_convert() -> bool:
-    """Whether resnet_jax.convert exists (looked up without importing it)."""
-    return importlib.util.find_spec("resnet_jax.convert") is not None
 
 
 def cli() -> None:
@@ -91,18 +83,13 @@ def cli() -> None:
     if command == "train":
         return main([program, *args])
     if command == "evaluate":
-        from resnet_jax import evaluate
-
         return evaluate.main([program, *args])
     if command == "configs":
         print(cli_lib.describe_configs())
         return
-    if command == "convert" and _has_convert():
-        from resnet_jax import convert
-
+    if command == "convert":
         return convert.main([program, *args])
-    known = [name for name in COMMANDS if name != "convert" or _has_convert()]
-    cli_lib.fail(f"unknown command {command!r}; use {', '.join(known)}")
+    cli_lib.fail(f"unknown command {command!r}; use {', '.join(COMMANDS)}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 from resnet_jax.errors import UserError
 
@@ -338,8 +339,6 @@ def _is_safetensors(path: str) -> bool:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    import safetensors.numpy
-
     try:
         return dict(safetensors.numpy.load_file(path))
     except Exception as error:  # noqa: BLE001 -- the package raises several kinds

@@ -55,21 +55,9 @@ def run_main(workdir, overrides: dict | None = None, devices: int = 1, extra_arg
 
 def restore_state(workdir, step=None):
     """The TrainState saved in `workdir` (host numpy arrays) and its step."""
-    from resnet_jax import train
-    from resnet_jax.checkpoint import Checkpoints, abstract_like
-    from resnet_jax.evaluate import load_config
-    from resnet_jax.parallel import Parallel
+    from resnet_jax import restore
 
-    config = load_config(workdir)
-    parallel = Parallel()
-    trainer = train.Trainer(config, parallel)
-    template = trainer.abstract_state()
-    checkpoints = Checkpoints(workdir)
-    try:
-        state, meta, restored_step = checkpoints.restore(abstract_like(template, parallel.replicated), step)
-    finally:
-        checkpoints.close()
-    return jax.device_get(state), restored_step
+    return restore.load_state(str(workdir), step)
 
 
 def tree_equal(a, b) -> bool:

@@ -1,5 +1,5 @@
 """Run as a script in a subprocess with N fake devices: one train step of the tiny model on
-a fixed batch, through `Trainer.stream_step` (the per-device step under shard_map or pmap).
+a fixed batch, through `Trainer.train_on_batch` (the per-device step under shard_map or pmap).
 Writes the state before and after to an .npz: python one_step_probe.py BACKEND BN_SYNC OUT"""
 
 import sys
@@ -31,8 +31,8 @@ if __name__ == "__main__":
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
     before = parallel.unreplicate(state)
-    acc = trainer.zero_accumulator()
-    state, acc = trainer.stream_step(state, parallel.shard(fixed_batch()), acc)
+    acc = trainer.empty_accumulator()
+    state, acc = trainer.train_on_batch(state, parallel.shard(fixed_batch()), acc)
     after = parallel.unreplicate(state)
     np.savez(out, **flat("before", (before.params, before.batch_stats)),
              **flat("after", (after.params, after.batch_stats)), devices=parallel.num_devices)

@@ -107,7 +107,7 @@ EVALUATE = textwrap.dedent("""
     import jax
     from resnet_jax import train
     from resnet_jax.checkpoint import Checkpoints, abstract_like
-    from resnet_jax.evaluate import load_config
+    from resnet_jax.rundir import load_config
     from resnet_jax.parallel import Parallel
 
     workdir, backend, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -227,11 +227,11 @@ NO_COMPILE = textwrap.dedent("""
 
 
 def test_user_errors_come_before_anything_is_compiled_or_written(tmp_path):
-    from resnet_jax import workdir as workdir_lib
+    from resnet_jax import rundir
 
     other = tmp_path / "other"
     other.mkdir()
-    workdir_lib.write_config(tiny_config(**{"model.name": "resnet14"}), str(other))
+    rundir.write_config(tiny_config(**{"model.name": "resnet14"}), str(other))
     config_before = (other / "config.json").read_bytes()
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
@@ -256,7 +256,8 @@ def test_user_errors_come_before_anything_is_compiled_or_written(tmp_path):
 # -- the benchmark's stream mode ---------------------------------------------------------------
 
 def test_benchmark_stream_row(tmp_path):
-    """`experiments.benchmark --data=stream` on a tiny prepared TFDS dataset prints its row."""
+    """`experiments.benchmark --data=stream` on a tiny prepared TFDS dataset's own JPEGs
+    prints its row (without --tfds_name it uses crops of real photos: test_benchmark.py)."""
     import tiny_imagenet_builder
 
     data_dir = str(tmp_path / "tfds")
@@ -265,17 +266,14 @@ def test_benchmark_stream_row(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--model=resnet8", "--batch=8", "--steps=2", "--image_size=32",
          "--data=stream", f"--tfds_name={tiny_imagenet_builder.NAME}", f"--data_dir={data_dir}", "--workers=0",
-         f"--json={out}"],
+         "--rounds=1", f"--json={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(out.read_text().splitlines()[-1])
-    assert row["data"] == "stream" and row["images_per_sec"] > 0
-    assert row["images_per_sec_per_worker"] == row["images_per_sec"]  # workers=0: the main process
+    assert row["data"] == "stream" and row["images_per_sec"] > 0 and row["jpegs"] == 37
+    assert row["images_per_sec"] == row["images_per_sec_per_worker_wall"]  # workers=0: the main process
+    assert row["tf_data_per_thread"] > 0 and row["ratio_vs_tf"] > 0
     assert "RESULT model=resnet8 batch=8" in result.stdout
-    missing = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--model=resnet8", "--data=stream"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2
-    assert missing.stderr.strip() == "error: --data=stream needs --tfds_name of a prepared TFDS image dataset"
 
 
 # -- the quick start, through the console script ---------------------------------------------

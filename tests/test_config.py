@@ -172,7 +172,7 @@ def test_defaults_are_the_paper_recipe():
 # it deliberately, and update this table with it.
 DEFAULTS = {
     "data": {"crop_padding": 4, "data_dir": "", "eval_resize": 256, "eval_splits": "test=test", "flip": True,
-             "float_image_max": 0.0, "image_size": 32, "name": "cifar10", "normalization": "per_pixel_mean",
+             "float_image_max": 0.0, "image_size": 32, "jpeg_draft": True, "name": "cifar10", "normalization": "per_pixel_mean",
              "num_classes": 10, "path": "", "pipeline": "device", "shuffle_buffer": 0, "source": "tfds",
              "synthetic_examples": 2048, "train_split": "train", "workers": 0},
     "model": {"bn_sync": True, "bottleneck_stride": "v1.5", "dropout_rate": 0.0, "dtype": "float32", "family": "",

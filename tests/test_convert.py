@@ -23,7 +23,7 @@ import pytest
 import safetensors.numpy
 
 from helpers import read_jsonl
-from resnet_jax import cli, convert, models, torch_files, train
+from resnet_jax import cli, convert, models, restore, rundir, steps, torch_files, train
 from resnet_jax.data import IMAGENET_MEAN, IMAGENET_STD, augment
 from resnet_jax.errors import UserError
 
@@ -199,16 +199,22 @@ def imported(tmp_path_factory):
     return {"tmp": tmp, "source": source, "state_dict": state_dict, "workdir": workdir, "config": config}
 
 
+def _restored(workdir, checkpoint="best"):
+    """(config, variables, step) of a run's checkpoint, as numpy."""
+    loaded = restore.load(workdir, checkpoint)
+    return loaded.config, loaded.variables, loaded.step
+
+
 def test_import_writes_a_step_0_run_and_round_trips_bitwise(imported):
     workdir, tmp = imported["workdir"], imported["tmp"]
     with open(os.path.join(workdir, "config.json")) as f:
         written = json.load(f)
     expected_config = imported["config"].copy_and_resolve_references()
     expected_config.data.normalization = "imagenet"
-    from resnet_jax import workdir as workdir_lib
 
-    assert written == json.loads(json.dumps(workdir_lib.flatten(expected_config)))
-    config, variables, step = convert._restore_variables(workdir)
+    assert written == json.loads(json.dumps(rundir.flatten(expected_config)))
+    loaded = restore.load(workdir)
+    config, variables, step = loaded.config, loaded.variables, loaded.step
     assert step == 0 and config.data.normalization == "imagenet"
 
     exported = str(tmp / "out.safetensors")
@@ -219,7 +225,7 @@ def test_import_writes_a_step_0_run_and_round_trips_bitwise(imported):
 
     again = str(tmp / "again")
     convert.import_weights(exported, "akamaster", imported["config"], again)
-    _, variables_again, _ = convert._restore_variables(again)
+    _, variables_again, _ = _restored(again)
     flat, flat_again = _flat(variables), _flat(variables_again)
     assert flat.keys() == flat_again.keys() and len(flat) == 116 - 19  # less the 19 BN counters
     for key in flat:
@@ -231,16 +237,24 @@ def test_import_writes_a_step_0_run_and_round_trips_bitwise(imported):
         convert.export_weights(workdir, str(tmp / "out.pth"))
 
 
+def test_export_says_when_best_falls_back_to_the_latest(imported, tmp_path, capsys):
+    """An imported run has evaluated nothing: "best" is its latest checkpoint, and export says so."""
+    done = convert.export_weights(imported["workdir"], str(tmp_path / "out.safetensors"))
+    assert done["step"] == 0
+    assert "note: no best step recorded (the run has not evaluated yet); using the latest checkpoint" in \
+        capsys.readouterr().err
+
+
 def test_load_initial_weights_keeps_what_fits(imported):
     config = _config("--config=cifar:resnet20,cifar100,smoke")
     rng = np.random.default_rng(1)  # stands for a fresh initialisation (no need to run one)
     fresh = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype),
-                         train.abstract_variables(config, (16, 16, 3)))
-    params, batch_stats, loaded, new = convert.load_initial_weights(imported["workdir"], fresh["params"],
+                         steps.abstract_variables(config, (16, 16, 3)))
+    params, batch_stats, loaded, new = restore.load_initial_weights(imported["workdir"], fresh["params"],
                                                                     fresh["batch_stats"])
     assert sorted(new) == ["params/head/bias", "params/head/kernel"]
     assert len(loaded) == 97 - 2 and "batch_stats/stem_bn/var" in loaded
-    _, source, _ = convert._restore_variables(imported["workdir"])
+    _, source, _ = _restored(imported["workdir"])
     got, want, init = (_flat({"params": params, "batch_stats": batch_stats}), _flat(source),
                        _flat({"params": fresh["params"], "batch_stats": fresh["batch_stats"]}))
     for name in loaded:
@@ -252,9 +266,9 @@ def test_load_initial_weights_keeps_what_fits(imported):
     other = _abstract(imagenet, (32, 32, 3))
     other = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), other)
     with pytest.raises(UserError, match="nothing in .* fits this model"):
-        convert.load_initial_weights(imported["workdir"], other["params"], other["batch_stats"])
+        restore.load_initial_weights(imported["workdir"], other["params"], other["batch_stats"])
     with pytest.raises(UserError, match="is a file; convert it into a workdir first"):
-        convert.load_initial_weights(imported["source"], fresh["params"], fresh["batch_stats"])
+        restore.load_initial_weights(imported["source"], fresh["params"], fresh["batch_stats"])
 
 
 def test_training_continues_from_an_imported_run(imported, tmp_path):
@@ -279,8 +293,8 @@ def test_training_continues_from_an_imported_run(imported, tmp_path):
     assert first["step"] == 0 and first["split"] == "test"
     report = evaluate.report(workdir, "test", 0, str(tmp_path / "report"))
     assert first["error"] == pytest.approx(report["error"], abs=1e-9)
-    _, start, _ = convert._restore_variables(imported["workdir"])
-    _, after, step = convert._restore_variables(workdir, "latest")
+    _, start, _ = _restored(imported["workdir"])
+    _, after, step = _restored(workdir, "latest")
     assert step == 2
     start, after = _flat(start["params"]), _flat(after["params"])
     assert max(np.abs(after[k] - start[k]).max() for k in start) < 1e-6

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from resnet_jax import evaluate, train
+from resnet_jax import evaluate, rundir, steps, train
 from resnet_jax.checkpoint import Checkpoints, abstract_like
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError
@@ -47,7 +47,7 @@ def evaluated(run):
 
 def test_load_config_round_trips(run):
     workdir, config, _ = run
-    loaded = evaluate.load_config(workdir)
+    loaded = rundir.load_config(workdir)
     assert loaded.to_dict() == config.to_dict()
     assert isinstance(loaded.optim.boundaries, tuple)  # stored as a JSON list
 
@@ -60,7 +60,7 @@ def test_metrics_agree_with_numpy_on_independent_logits(run, evaluated):
     # The state at that step, restored here; logits from model.apply on inputs normalised in numpy.
     parallel = Parallel()
     trainer = train.Trainer(config, parallel)
-    abstract = jax.eval_shape(lambda: train.create_train_state(trainer.eval_model, trainer.tx, 0, (8, 8, 1)))
+    abstract = jax.eval_shape(lambda: steps.create_train_state(trainer.eval_model, trainer.tx, 0, (8, 8, 1)))
     checkpoints = Checkpoints(workdir)
     restored, _, restored_step = checkpoints.restore(abstract_like(abstract, parallel.replicated), step)
     checkpoints.close()
@@ -70,7 +70,7 @@ def test_metrics_agree_with_numpy_on_independent_logits(run, evaluated):
     train_pixels = sources.load_split(config.data, "train").images.reshape(-1, 1).astype(np.float64)
     test = sources.load_split(config.data, "test")
     inputs = (test.images - train_pixels.mean(0)) / train_pixels.std(0)  # per_channel normalisation
-    logits = np.asarray(train.build_model(config).apply(variables, inputs.astype(np.float32), train=False),
+    logits = np.asarray(steps.build_model(config).apply(variables, inputs.astype(np.float32), train=False),
                         np.float64)
 
     labels = test.labels
@@ -134,20 +134,20 @@ def test_checkpoint_choices(run, tmp_path):
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("report", "tensorboard"))
     checkpoints = Checkpoints(str(copy))
     try:
-        assert evaluate._choose_step(checkpoints, "latest") == (None, None)
-        assert evaluate._choose_step(checkpoints, "best") == (result["best"]["step"], None)
-        assert evaluate._choose_step(checkpoints, 20) == (20, None)
+        assert rundir.choose_checkpoint(checkpoints, "latest") == (None, None)
+        assert rundir.choose_checkpoint(checkpoints, "best") == (result["best"]["step"], None)
+        assert rundir.choose_checkpoint(checkpoints, 20) == (20, None)
         meta_path = copy / "checkpoints" / "40" / "meta" / "metadata"
         meta = json.loads(meta_path.read_text())
         for best, expected in ((None, "no best step recorded"), (30, "best step 30 is no longer on disk")):
             meta_path.write_text(json.dumps(dict(meta, best_step=best)))
-            step, note = evaluate._choose_step(checkpoints, "best")
+            step, note = rundir.choose_checkpoint(checkpoints, "best")
             assert step is None and expected in note and "using the latest" in note
     finally:
         checkpoints.close()
     for bad in ("nope", "-3", "1.5"):
         with pytest.raises(UserError, match="--checkpoint must be best, latest or a step number"):
-            evaluate.parse_checkpoint(bad)
+            rundir.parse_checkpoint(bad)
 
 
 def _cli(*args, env=None):

@@ -28,7 +28,7 @@ import pytest
 from configs import cifar
 from experiments import degradation, runs, skip_ablation
 from resnet_jax import cli, figures, models
-from resnet_jax import workdir as workdir_lib
+from resnet_jax import rundir
 from resnet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +108,7 @@ def test_degradation_smoke_end_to_end_and_resume(tmp_path):
         args = shlex.split(row["command"])
         assert args[:3] == ["python", "-m", "resnet_jax.main"]
         trained = json.loads(open(os.path.join(row["workdir"], "config.json")).read())
-        assert json.loads(json.dumps(workdir_lib.flatten(cli.config_from_args(args[3:])))) == trained
+        assert json.loads(json.dumps(rundir.flatten(cli.config_from_args(args[3:])))) == trained
 
     _assert_png(workdir / "fig6.png")
     for text in ("| plain-8 | 8 | 1 | 8 |", "| ResNet-8 | 8 | 1 | 8 |", "`plain8,smoke`", "`smoke`", "--depths=8",

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from helpers import ROOT, cli_args, restore_state, run_main, tiny_config
-from resnet_jax import checkpoint, reporting, train
-from resnet_jax import workdir as workdir_lib
+from resnet_jax import checkpoint, reporting, steps, train
+from resnet_jax import rundir
 from resnet_jax.errors import DiskFull, UserError, is_disk_full
 
 # What TensorStore (under Orbax) raises when the disk fills, as seen in a real run.
@@ -35,7 +35,7 @@ def test_config_json_of_another_kind_is_one_error(tmp_path, content, kind):
     (tmp_path / "config.json").write_text(content)
     with pytest.raises(UserError, match=rf"config.json holds {kind}, not the JSON object of dotted keys a run "
                                         r"writes; move it away or set --config.overwrite=True"):
-        workdir_lib.prepare(tiny_config(), str(tmp_path), state_bytes=0)
+        rundir.prepare(tiny_config(), str(tmp_path), state_bytes=0)
     assert (tmp_path / "config.json").read_text() == content and sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
@@ -69,7 +69,7 @@ def test_metrics_jsonl_lines_are_checked_and_a_cut_line_is_mended(tmp_path):
 def _tiny_state(value: float):
     import jax.numpy as jnp
 
-    return train.TrainState(jnp.asarray(1, jnp.int32), {"w": jnp.full((3,), value)}, {}, {"m": jnp.zeros((3,))})
+    return steps.TrainState(jnp.asarray(1, jnp.int32), {"w": jnp.full((3,), value)}, {}, {"m": jnp.zeros((3,))})
 
 
 def test_checkpoint_meta_of_the_wrong_kind_is_skipped(tmp_path, capsys):
@@ -184,7 +184,7 @@ def test_metrics_and_tensorboard_on_a_full_disk(tmp_path, monkeypatch):
 def test_lock_and_config_json_on_a_full_disk(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps(workdir_lib.flatten(tiny_config())))
+    (run / "config.json").write_text(json.dumps(rundir.flatten(tiny_config())))
     before = (run / "config.json").read_text()
 
     def dump_half(value, f, **kwargs):
@@ -192,18 +192,18 @@ def test_lock_and_config_json_on_a_full_disk(tmp_path, monkeypatch):
         f.flush()
         _enospc()
 
-    monkeypatch.setattr(workdir_lib.json, "dump", dump_half)
+    monkeypatch.setattr(rundir.json, "dump", dump_half)
     with pytest.raises(DiskFull, match=r"cannot write .*config.json \([\d,.]+ MiB free in .*, the run needs about"):
-        workdir_lib.prepare(tiny_config(), str(run), state_bytes=1000)
+        rundir.prepare(tiny_config(), str(run), state_bytes=1000)
     assert (run / "config.json").read_text() == before  # the old file, whole
     assert os.listdir(run) == ["config.json"]  # no partial file, and the lock it made is gone
     monkeypatch.undo()
-    monkeypatch.setattr(workdir_lib.os, "pwrite", _enospc)
+    monkeypatch.setattr(rundir.os, "pwrite", _enospc)
     with pytest.raises(DiskFull, match=r"cannot write the lock .*\.lock \("):
-        workdir_lib.prepare(tiny_config(), str(run), state_bytes=1000)
+        rundir.prepare(tiny_config(), str(run), state_bytes=1000)
     monkeypatch.undo()
     assert os.listdir(run) == ["config.json"]
-    lock = workdir_lib.Lock(str(run))
+    lock = rundir.Lock(str(run))
     lock.acquire()  # nothing was left holding it
     lock.release()
 
@@ -221,7 +221,7 @@ def test_cleanup_after_a_failure_never_replaces_it(tmp_path):
             closed.append(self.name)
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    lock = workdir_lib.Lock(str(tmp_path))
+    lock = rundir.Lock(str(tmp_path))
     lock.acquire()
     train._release(Failing("reporter"), Failing("checkpoints"), Failing("data"), lock, quiet=True)
     assert closed == ["reporter", "checkpoints", "data"] and (tmp_path / ".lock").read_text() == ""

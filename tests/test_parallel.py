@@ -14,7 +14,7 @@ import pytest
 
 from helpers import ROOT, max_abs_diff, restore_state, run_main, tiny_config
 from one_step_probe import fixed_batch
-from resnet_jax import optim, train
+from resnet_jax import optim, steps, train
 
 # How far apart two correct runs on different device counts may end up. Summing a gradient
 # or a BN statistic over 4 devices reassociates float32 sums, so results differ by ulps
@@ -85,7 +85,7 @@ def test_per_device_bn_normalises_each_quarter(tmp_path, backend):
     config = tiny_config(**{"model.bn_sync": False})
     trainer = train.Trainer(config, __import__("resnet_jax.parallel").parallel.Parallel())
     state = jax.device_get(trainer.init_state())
-    model = train.build_model(config)  # no BN axis: each apply sees one quarter only
+    model = steps.build_model(config)  # no BN axis: each apply sees one quarter only
     batch = fixed_batch()
 
     def quarter_loss(params, images, labels):

@@ -105,7 +105,7 @@ def test_signal_flag_second_signal_exits_with_its_code(first, second):
     at once with 128 + its number (130 for Ctrl-C)."""
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        from resnet_jax.workdir import SignalFlag
+        from resnet_jax.rundir import SignalFlag
         with SignalFlag() as flag:
             os.kill(os.getpid(), {int(first)})
             time.sleep(0.2)
@@ -226,9 +226,9 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
 
 def test_not_enough_disk_space_is_detected_before_training(tmp_path):
     from helpers import tiny_config
-    from resnet_jax import workdir
+    from resnet_jax import rundir
     from resnet_jax.errors import UserError
 
     with pytest.raises(UserError, match="not enough disk space"):
-        workdir.prepare(tiny_config(), str(tmp_path / "run"), state_bytes=2**62)
+        rundir.prepare(tiny_config(), str(tmp_path / "run"), state_bytes=2**62)
     assert not (tmp_path / "run" / "config.json").exists()

@@ -70,12 +70,14 @@ def test_shapes_dtypes_and_value_ranges(make):
     for train in (True, False):
         batch = next(make("train" if train else "validation", train=train, image_size=224,
                           eval_resize=256))
-        assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
         assert batch["mask"].dtype == np.float32 and np.all(batch["mask"] == 1)
-        assert LOW - 1e-4 <= batch["image"].min() < -1 and 2 < batch["image"].max() <= HIGH + 1e-4
+        assert batch["image"].min() < 10 and batch["image"].max() > 245  # full-range photos
         assert set(batch["label"]) <= set(range(5))
-    unit = next(make(normalization="none"))["image"]
+        normalised = stream.host_normalize(batch["image"], batch["mask"], "imagenet")
+        assert LOW - 1e-4 <= normalised.min() < -1 and 2 < normalised.max() <= HIGH + 1e-4
+    unit = stream.host_normalize(next(make())["image"], np.ones(8), "none")
     assert 0 <= unit.min() and unit.max() <= 1 and unit.max() > 0.9
 
 
@@ -85,7 +87,7 @@ def test_eval_transform_is_resize_then_center_crop(make, data_dir):
 
     raw = tfds.data_source("tiny_imagenet_like", split="validation", data_dir=data_dir,
                            decoders={"image": tfds.decode.SkipDecoding()})
-    batch = next(make("validation", train=False, normalization="none"))
+    batch = next(make("validation", train=False, jpeg_draft=False))
     for row in range(8):
         image = Image.open(io.BytesIO(raw[row]["image"])).convert("RGB")
         scale = 36 / min(image.size)
@@ -93,7 +95,7 @@ def test_eval_transform_is_resize_then_center_crop(make, data_dir):
                              Image.BILINEAR)
         left, top = round((image.width - 32) / 2), round((image.height - 32) / 2)
         expected = np.asarray(image.crop((left, top, left + 32, top + 32)), np.float32) / 255
-        assert np.abs(batch["image"][row] - expected).mean() < 0.03
+        assert np.abs(batch["image"][row] / 255 - expected).mean() < 0.03
         assert batch["id"][row] == raw[row]["id"] and batch["label"][row] == raw[row]["label"]
 
 
@@ -152,6 +154,7 @@ def test_eval_covers_every_example_once_in_order(make, data_dir):
     assert sorted(ids[:23]) == list(range(1000, 1023))
     np.testing.assert_array_equal(labels[:23], (ids[:23] - 1000) % 5)  # the builder's labels
     assert np.all(batches[-1]["image"][3:] == 0) and all(b["image"].shape[0] == 10 for b in batches)
+    assert batches[-1]["image"].dtype == np.uint8
     with pytest.raises(StopIteration):
         next(iterator)
 
@@ -232,3 +235,157 @@ def test_reading_never_imports_tensorflow(data_dir):
 def test_prepare_is_a_no_op_when_prepared(data_dir):
     sources.prepare_tfds("tiny_imagenet_like", data_dir)  # the builder is registered by the fixture
     assert stream.num_examples("tiny_imagenet_like", "train[:10]", data_dir) == 10
+
+
+# --- The crop distribution, draft decoding and normalising on the device -----------------
+
+
+def _reference_box_histograms(width, height, area_edges, ratio_edges, grid=1000):
+    """Bin probabilities of the box's area fraction and log aspect ratio under torchvision's
+    RandomResizedCrop.get_params (scale (0.08, 1), ratio (3/4, 4/3) log-uniform, 10 tries,
+    then the center crop), by integrating one try over a fine grid of its two uniforms."""
+    u = 0.08 + (1 - 0.08) * (np.arange(grid) + 0.5) / grid
+    v = np.log(3 / 4) + (np.log(4 / 3) - np.log(3 / 4)) * (np.arange(grid) + 0.5) / grid
+    area, ratio = np.meshgrid(u * width * height, np.exp(v), indexing="ij")
+    w, h = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))  # round half even, as Python
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    accept = ok.mean()
+    fail = (1 - accept) ** 10
+    fw, fh = width, height  # the fallback center crop
+    if width / height < 3 / 4:
+        fh = round(width / (3 / 4))
+    elif width / height > 4 / 3:
+        fw = round(height * (4 / 3))
+    out = []
+    for values, fallback, edges in ((w * h / (width * height), fw * fh / (width * height), area_edges),
+                                    (np.log(w / h), np.log(fw / fh), ratio_edges)):
+        tried = np.histogram(values[ok], edges)[0] / ok.sum()
+        out.append((1 - fail) * tried + fail * np.histogram([fallback], edges)[0])
+    return out
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (640, 200)])
+def test_crop_boxes_follow_torchvision_random_resized_crop(width, height):
+    """Histograms of area fraction and log aspect ratio over many draws are within binomial
+    bounds (4.5 sigma per bin) of torchvision's distribution; (640, 200) is elongated enough
+    that the 10 tries often fail, so the fallback's mass is tested too."""
+    draws = 20_000
+    rng = np.random.default_rng(1)
+    boxes = np.array([stream._random_resized_crop(width, height, rng) for _ in range(draws)])
+    left, top, w, h = boxes.T
+    assert np.all((left >= 0) & (left + w <= width) & (top >= 0) & (top + h <= height))
+    area_edges = np.linspace(0, 1, 11)
+    ratio_edges = np.linspace(np.log(3 / 4) - 0.02, np.log(4 / 3) + 0.02, 11)
+    expected = _reference_box_histograms(width, height, area_edges, ratio_edges)
+    for observed_values, edges, p in ((w * h / (width * height), area_edges, expected[0]),
+                                      (np.log(w / h), ratio_edges, expected[1])):
+        counts = np.histogram(observed_values, edges)[0]
+        bound = 4.5 * np.sqrt(draws * p * (1 - p)) + 2  # + 2: the grid's integration error
+        assert np.all(np.abs(counts - draws * p) <= bound), (counts, np.round(draws * p))
+    # The offset is uniform over the positions that fit: its mean is the middle.
+    slack = (width - w).astype(float)
+    moved = slack > 0
+    assert abs(np.mean(left[moved] / slack[moved]) - 0.5) < 4.5 * np.sqrt(1 / 12 / moved.sum())
+
+
+def _photo_jpeg(width, height, quality=90, mode="RGB"):
+    """A crop of one of scikit-learn's sample photographs (427 x 640), as a JPEG."""
+    from sklearn.datasets import load_sample_images
+
+    photo = load_sample_images().images[0][:height, :width]
+    buffer = io.BytesIO()
+    Image.fromarray(photo).convert(mode).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("box_side,size,scale", [(100, 64, 1), (127, 64, 1), (128, 64, 2), (255, 64, 2),
+                                                  (256, 64, 4), (400, 64, 4), (384, 48, 8), (400, 200, 2)])
+def test_draft_decoding_is_used_exactly_when_the_box_allows(box_side, size, scale):
+    """Decoded at 1/k exactly when the box is k times the output on both sides; the box is
+    then the same region of the photo in the smaller image's pixels."""
+    width, height = 600, 420
+    raw = _photo_jpeg(width, height)
+    box = (30, 10, box_side, box_side + 7)
+    image, scaled = stream.decode(raw, lambda w, h: box, size, draft=True)
+    assert image.size == (-(-width // scale), -(-height // scale)) and image.mode == "RGB"
+    np.testing.assert_allclose(scaled, (30 / scale, 10 / scale, (30 + box_side) / scale,
+                                        (10 + box_side + 7) / scale))
+    full, _ = stream.decode(raw, lambda w, h: box, size, draft=False)
+    assert full.size == (width, height)
+    if scale > 1:  # a pixel short of k times on one side: the next smaller factor
+        narrow, _ = stream.decode(raw, lambda w, h: (0, 0, box_side, size * scale - 1), size)
+        assert narrow.size == (-(-width // (scale // 2)), -(-height // (scale // 2)))
+
+
+def test_draft_decoding_keeps_the_crop_within_the_measured_psnr():
+    """The drafted crop is the full decode's crop up to DCT scaling: PSNR at least 34 dB on a
+    photo (measured 36-42 dB, see data/stream.py); a box off by a source pixel or more would
+    not get near it. Grayscale JPEGs are drafted and converted too; PNGs never drafted."""
+    raw = _photo_jpeg(600, 420)
+    load = stream._LoadBatch(None, train=True, num_examples=1, global_batch=1, local_batch=1,
+                             process_index=0, seed=0, image_size=64, eval_resize=73, flip=False)
+    for seed in range(8):
+        load.draft = True
+        drafted = load.transform(raw, np.random.default_rng(seed)).astype(np.float64)
+        load.draft = False
+        full = load.transform(raw, np.random.default_rng(seed))
+        assert 10 * np.log10(255 ** 2 / np.mean((drafted - full) ** 2)) > 34
+    gray, _ = stream.decode(_photo_jpeg(600, 420, mode="L"), lambda w, h: (0, 0, 300, 300), 64)
+    assert gray.size == (150, 105) and gray.mode == "RGB"
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(raw)).save(buffer, "PNG")
+    png, box = stream.decode(buffer.getvalue(), lambda w, h: (0, 0, 300, 300), 64)
+    assert png.size == (600, 420) and box == (0, 0, 300, 300)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_uint8_reaches_the_device_and_is_normalised_there_as_on_the_host(data_dir, dtype):
+    """The host-to-device copy is uint8; the step sees (x - mean) / std equal to the host's
+    float32 normalisation (what the workers shipped before), padding rows zero.
+
+    Why 2 ulp holds on any IEEE-754 CPU: x is an integer 0..255, exact in float32; both sides
+    subtract the float32 mean exactly rounded; dividing by std exactly rounded would agree bit
+    for bit, and XLA (which turns division by a constant into multiplication by its rounded
+    reciprocal) adds at most one more rounding: relative 2^-24 for the reciprocal + 2^-24 for
+    the product, under 2 ulp (measured: at most 1 ulp on XLA:CPU, jax 0.10). In bfloat16 both round the
+    same float32 (or one 2-ulp neighbour) to 8 bits: within one bfloat16 ulp, 2^-8 relative."""
+    import jax
+
+    from resnet_jax.data import pipeline
+    from resnet_jax.parallel import AXIS, Parallel
+
+    config = default_config()
+    config.data.update(dict(pipeline="stream", source="tfds", name="tiny_imagenet_like", data_dir=data_dir,
+                            image_size=32, eval_resize=36, normalization="imagenet", workers=0,
+                            train_split="train", eval_splits="val=validation"))
+    config.model.dtype = dtype
+    config.train.update(batch_size=8, eval_batch_size=10)
+    parallel = Parallel()
+    data = pipeline.create(config, parallel)
+    placed = []
+    shard = parallel.shard
+    parallel.shard = lambda tree: placed.append({k: v.dtype for k, v in tree.items()}) or shard(tree)
+    gather = lambda batch: jax.lax.all_gather(batch["image"], AXIS, tiled=True)
+    data.bind(lambda state, batch, acc: (state, gather(batch)),
+              lambda state, batch: gather(batch) / jax.lax.axis_size(AXIS))
+    try:
+        state = parallel.replicate(np.int32(0))
+        _, seen = data.train(state, parallel.replicate(np.zeros(1, np.float32)), 1, 0)
+        assert placed[0]["image"] == np.uint8
+        reference = stream.make_stream(config, "train", train=True, global_batch_size=8, seed=0)
+        host = next(reference)
+        reference.close()
+        expected = stream.host_normalize(host["image"], host["mask"], "imagenet")
+        seen = np.asarray(jax.device_get(seen))
+        assert seen.dtype == np.dtype(dtype)
+        last = list(data._make("validation", False, 10))[-1]  # 3 real rows, 7 padding
+        seen_eval = np.asarray(jax.device_get(data._eval(state, parallel.shard(last))))
+        expected_eval = stream.host_normalize(last["image"], last["mask"], "imagenet")
+        assert np.all(seen_eval[3:] == 0) and np.any(last["image"][:3] != 0)
+        for got, want in ((seen, expected), (seen_eval, expected_eval)):
+            if dtype == "float32":
+                np.testing.assert_array_max_ulp(got, want, maxulp=2)
+            else:
+                np.testing.assert_allclose(got.astype(np.float32), want, rtol=2 ** -8, atol=0)
+    finally:
+        data.close()

@@ -1,10 +1,11 @@
 """The one data interface the trainer sees, for data on the device and data streamed by grain.
 
     data = pipeline.create(config, parallel)     # loads and validates every split, or raises
-    data.bind(train_step, eval_step)             # per-device steps (see resnet_jax.train)
+    data.bind(train_step, eval_step)             # per-device steps (see resnet_jax.steps)
     state, acc = data.train(state, acc, n)       # the next n steps, in one dispatch
     sums = data.evaluate(state)                  # {split name: exact sums over the split}
     data.get_state() / data.set_state(saved)     # where the input stands (for checkpoints)
+    data.start_notes() / data.log_notes()        # log lines: input delivered vs consumed (stream)
 
 `train_step(state, batch, acc) -> (state, acc)` takes this device's part of a batch
 {"image", "label", "mask"} and `eval_step(state, batch) -> sums` returns this device's sums;
@@ -12,6 +13,9 @@ the pipeline adds them over batches, then over devices. The trainer never asks w
 """
 
 import functools
+import math
+import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -20,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import config as config_lib
-from resnet_jax.data import device, sources
+from resnet_jax.data import augment, device, sources
 from resnet_jax.errors import UserError
 from resnet_jax.parallel import AXIS, Parallel
 
@@ -64,6 +68,14 @@ class _Pipeline:
 
     def get_state(self) -> Any:
         return None
+
+    def start_notes(self) -> list[str]:
+        """Lines for the start of the run's log (the stream: what its workers deliver)."""
+        return []
+
+    def log_notes(self) -> list[str]:
+        """Lines after a training log (the stream, once: what the model consumes)."""
+        return []
 
     def set_state(self, saved: Any) -> None:
         pass
@@ -177,7 +189,7 @@ class StreamPipeline(_Pipeline):
 
     def __init__(self, config, parallel):
         super().__init__(config, parallel)
-        from resnet_jax.data import stream
+        from resnet_jax.data import stream  # grain: only streamed data needs it
 
         data = config.data
         sources.prepare_tfds(data.name, data.data_dir)
@@ -193,15 +205,32 @@ class StreamPipeline(_Pipeline):
         return _host_stream(self.config, split, train, batch)
 
     def bind(self, train_step: Callable, eval_step: Callable) -> None:
-        self._step = self.parallel.wrap(train_step, (None, 0, None), (None, None), donate_argnums=(0, 2))
-        self._eval = self.parallel.wrap(lambda state, batch: jax.lax.psum(eval_step(state, batch), AXIS),
+        # The workers ship uint8; normalising (and the compute-dtype cast) is the first thing
+        # the step does on the device, fused by XLA into the stem's input.
+        mean, std = (np.asarray(x, np.float32) for x in self.normalization)
+        dtype = jnp.dtype(self.config.model.dtype)
+        to_input = lambda batch: normalize_on_device(batch, mean, std, dtype)
+        self._step = self.parallel.wrap(lambda state, batch, acc: train_step(state, to_input(batch), acc),
+                                        (None, 0, None), (None, None), donate_argnums=(0, 2))
+        self._eval = self.parallel.wrap(lambda state, batch: jax.lax.psum(eval_step(state, to_input(batch)), AXIS),
                                         (None, 0), None)
         self._iterator = self._make(self.config.data.train_split, True, self.config.train.batch_size)
+        self._rate = _InputRate(self.config)
 
     def train(self, state, acc, num_steps: int, step: int):
         for _ in range(num_steps):  # host batches: one dispatch a step
-            state, acc = self._step(state, self.parallel.shard(next(self._iterator)), acc)
+            start = time.perf_counter()
+            batch = next(self._iterator)
+            waited = time.perf_counter() - start
+            state, acc = self._step(state, self.parallel.shard(batch), acc)
+            self._rate.stepped(waited, len(batch["label"]))
         return state, acc
+
+    def start_notes(self) -> list[str]:
+        return self._rate.start_notes(self._iterator)
+
+    def log_notes(self) -> list[str]:
+        return self._rate.log_notes()
 
     def evaluate(self, state) -> dict[str, dict]:
         results = {}
@@ -227,7 +256,7 @@ class StreamPipeline(_Pipeline):
 
 def _host_stream(config: ml_collections.ConfigDict, split: str, train: bool, global_batch: int):
     """This host's share of a streamed split (grain over TFDS)."""
-    from resnet_jax.data import stream
+    from resnet_jax.data import stream  # grain: only streamed data needs it
 
     return stream.make_stream(config, split, train=train, global_batch_size=global_batch, seed=config.train.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
@@ -253,27 +282,70 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, global_batch: in
             yield {"image": (pixels.astype(np.float32) - mean) / std, "label": padded.labels[start:start + global_batch],
                    "mask": padded.mask[start:start + global_batch], "pixels": pixels}
         return
+    from resnet_jax.data import stream
+
     iterator = _host_stream(config, split, False, global_batch)
     try:
-        for batch in iterator:  # normalised by the workers; pixels recovered for pictures
-            pixels = np.clip(np.rint(batch["image"] * std + mean), 0, 255).astype(np.uint8)
-            yield {**batch, "pixels": pixels}
+        for batch in iterator:  # uint8 from the workers: the pixels as they are
+            image = stream.host_normalize(batch["image"], batch["mask"], config.data.normalization)
+            yield {**batch, "image": image, "pixels": batch["image"]}
     finally:
         iterator.close()
 
 
-def training_examples(data: ml_collections.ConfigDict, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` training examples, normalised as the trainer normalises them
-    (statistics of the whole training split): for probes and analyses outside training.
+def normalize_on_device(batch: dict, mean: np.ndarray, std: np.ndarray, dtype) -> dict:
+    """A streamed batch as the step takes it: uint8 images -> (x - mean) / std in float32,
+    padding rows (mask 0) zero as the host used to make them, then cast to the compute
+    dtype (the model's first op would cast them anyway)."""
+    images = augment.normalize(batch["image"], mean, std)
+    images = jnp.where(batch["mask"][:, None, None, None] > 0, images, 0.0)
+    return {**batch, "image": images.astype(dtype)}
 
-    Returns:
-      (float32 images [count, H, W, C], int32 labels [count]).
 
-    Raises:
-      UserError: a bad split, or fewer than `count` training examples.
-    """
-    arrays = sources.load_split(data, data.train_split, role="training")
-    if len(arrays.labels) < count:
-        raise UserError(f"{count} examples asked for, but {data.train_split!r} has {len(arrays.labels)}")
-    mean, std = device.normalization_stats(data, arrays)
-    return (arrays.images[:count].astype(np.float32) - mean) / std, arrays.labels[:count].astype(np.int32)
+class _InputRate:
+    """What the stream's workers deliver (measured at the start) against what the model
+    consumes (measured over the first log period after the first, compiling, step), and
+    whether the step waited for its batches."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config, self.workers = config, config.data.workers
+        self.delivered = self.per_worker = None  # images/s the configured workers deliver, and one
+        self._steps, self._images, self._waited, self._since, self._reported = -1, 0, 0.0, None, False
+        self.clock = time.perf_counter
+
+    def start_notes(self, iterator) -> list[str]:
+        self.per_worker = per_worker = iterator.measure_rate()
+        cores = os.cpu_count() or 1
+        self.delivered = per_worker * max(min(self.workers, cores), 1)
+        who = (f"{self.workers} grain worker{'s' * (self.workers != 1)} deliver" if self.workers
+               else "the main process (data.workers=0) delivers")
+        line = f"input: {who} about {self.delivered:,.0f} images/s ({per_worker:,.0f}/s a worker, {cores} cores)"
+        if self.workers > cores:
+            line += f"; warning: more workers than cores ({cores}), they share them"
+        return [line]
+
+    def stepped(self, waited: float, images: int) -> None:
+        self._steps += 1
+        if self._steps == 0:  # the first step compiles: measure from its end
+            self._since = self.clock()
+            return
+        self._images += images
+        self._waited += waited
+
+    def log_notes(self) -> list[str]:
+        if self._reported or self._steps < 1:
+            return []
+        self._reported = True
+        elapsed = self.clock() - self._since
+        waited = min(self._waited / elapsed, 1.0)
+        trained = self._images / elapsed  # images/s this host trained on
+        model = self._images / max(elapsed - self._waited, 1e-9)  # without the waits
+        lines = [f"input: the model consumes about {model:,.0f} images/s on this host (trained {trained:,.0f}/s "
+                 f"over {self._steps} steps; {100 * waited:.0f}% of the time waiting for batches)"]
+        if waited > 0.1 or (self.delivered and self.delivered < model):
+            need = math.ceil(model / self.per_worker) if self.per_worker else None
+            lines.append("warning: input is the bottleneck: the workers deliver "
+                         + (f"about {self.delivered:,.0f} images/s" if self.delivered else "too few images")
+                         + (f"; about {need} workers would keep up (data.workers)" if need else ""))
+        return lines
+

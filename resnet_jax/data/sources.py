@@ -129,6 +129,7 @@ def check_consistent(data: ml_collections.ConfigDict, train: Arrays, evals: dict
 
 def _digits(data: ml_collections.ConfigDict) -> dict[str, Arrays]:
     """scikit-learn's bundled 8x8 digits (1,797 images, no download): a fixed 80/20 split."""
+    # scikit-learn's dataset modules: only this source needs them.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -164,7 +165,7 @@ def prepare_tfds(name: str, data_dir: str | None) -> None:
     Raises:
       UserError: unknown dataset; no network; a dataset that must be downloaded by hand.
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # TensorFlow behind it: only TFDS sources pay for it
 
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
@@ -230,7 +231,7 @@ def _reachable(host: str, timeout_s: float = 10.0) -> bool:
 
 
 def _tfds(data: ml_collections.ConfigDict, split: str) -> Arrays:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # TensorFlow behind it: only TFDS sources pay for it
 
     prepare_tfds(data.name, data.data_dir)
     try:

@@ -1,7 +1,9 @@
 """Streamed input for datasets that do not fit on the accelerator (ImageNet): grain over TFDS.
 
 Examples are read with `tfds.data_source` (ArrayRecord, random access) with the JPEG bytes left
-encoded; PIL decodes, crops and normalises them in grain worker processes. Reading never
+encoded; PIL decodes and crops them in grain worker processes, decoding only as many pixels as
+the crop needs (JPEG DCT scaling, `decode`), and the workers ship uint8: the pipeline
+normalises on the device. Reading never
 imports TensorFlow (TFDS's own image decoder would not either, but we want the encoded bytes
 so decode and crop are one step we control); only `prepare` does, lazily.
 
@@ -47,7 +49,7 @@ def _open(name: str, split: str, data_dir: str):
 
     download=False: reading must never start preparing (that would import TensorFlow).
     """
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # heavy (TensorFlow behind it): only to find the files
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
@@ -72,7 +74,8 @@ def num_examples(name: str, split: str, data_dir: str = "") -> int:
 
 
 def _random_resized_crop(width: int, height: int, rng: np.random.Generator):
-    """Inception crop box (left, top, w, h): torchvision's RandomResizedCrop.get_params."""
+    """Inception crop box (left, top, w, h): torchvision's RandomResizedCrop.get_params
+    (scale (0.08, 1), log-uniform ratio (3/4, 4/3), 10 tries, then a center crop)."""
     area, log_ratio = width * height, (math.log(3 / 4), math.log(4 / 3))
     for _ in range(10):
         target_area = area * rng.uniform(0.08, 1.0)
@@ -90,16 +93,85 @@ def _random_resized_crop(width: int, height: int, rng: np.random.Generator):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def eval_box(width: int, height: int, size: int, eval_resize: int) -> tuple[float, float, float, float]:
+    """The box (left, top, w, h) of the original that resizing the shorter side to
+    `eval_resize` and taking the center `size` x `size` keeps; resized in one step (cheaper,
+    and the same up to rounding)."""
+    w = h = size * min(width, height) / eval_resize
+    return (width - w) / 2, (height - h) / 2, w, h
+
+
+def draft_scale(box_width: float, box_height: float, size: int) -> int:
+    """The JPEG DCT scale 1/k to decode at: the largest k of 8, 4, 2 for which the box still
+    has at least `size` pixels on each side at 1/k, so the resize after it only shrinks; 1
+    (a full decode) when the box is less than twice the output."""
+    for k in (8, 4, 2):
+        if min(box_width, box_height) >= k * size:
+            return k
+    return 1
+
+
+# What draft decoding changes in pixels. libjpeg's scaled IDCT averages each k x k block in
+# the frequency domain instead of decoding every pixel and letting the antialiased bilinear
+# resize average them, so the output is not bit-identical to a full decode. Measured
+# (experiments.benchmark.draft_difference, 2026-12-02) on 128 re-encoded crops of
+# scikit-learn's two sample photographs (300-500 px, JPEG quality 75-95), PSNR of the drafted
+# crops against the full decode + resize of the same boxes, output px (eval_resize):
+#   64 (73): train 40.3 dB (92 % of crops drafted), eval 38.4 dB (all)
+#   112 (128): train 39.5 dB (57 %), eval 40.1 dB (all);  128 (146): 38.4 dB (41 %), 37.7 dB
+#   160 (183): train 37.0 dB (11 %), eval 36.2 dB (34 %)
+#   224 (256): no crop of a 300-500 px photo is 448 px on both sides: identical pixels.
+# 36-42 dB is 2-4 levels of 255 RMS, about the JPEG's own coding error at quality 75-95.
+def decode(raw: bytes, box_of, size: int, draft: bool = True):
+    """Encoded image -> (RGB PIL image, box (left, top, right, bottom) in its pixels).
+
+    `box_of(width, height)` gives the crop (left, top, w, h) in the original's pixels; only
+    the header is read before it is called. With `draft`, a JPEG whose box is k = 2, 4 or 8
+    times the output on each side is decoded at 1/k by libjpeg (`Image.draft`), and the box
+    is scaled by 1/k: the same region of the photo, fewer pixels decoded and resized.
+    """
+    image = Image.open(io.BytesIO(raw))
+    width, height = image.size  # from the header: nothing is decoded yet
+    left, top, w, h = box_of(width, height)
+    scale = 1
+    if draft and (k := draft_scale(w, h, size)) > 1:
+        # Pillow takes the largest k with size // requested >= k: (W // k, H // k) asks for k.
+        drafted = image.draft("RGB", (width // k, height // k))  # None: not a JPEG, full decode
+        if drafted is not None:
+            scale = width / drafted[1][2]  # drafted box is (0, 0, width / k, height / k)
+    image.load()  # decode now (PIL is lazy), so a profile can tell decoding from resizing
+    if image.mode != "RGB":  # grayscale and CMYK JPEGs exist in ImageNet
+        image = image.convert("RGB")
+    return image, (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+
+
+def crop_resize(image: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """The box, resized to size x size (antialiased bilinear, as torchvision on PIL images)."""
+    return image.resize((size, size), Image.BILINEAR, box=box)
+
+
+def host_normalize(pixels: np.ndarray, mask: np.ndarray, normalization_name: str) -> np.ndarray:
+    """uint8 [B, S, S, 3] -> float32 (x - mean) / std on the host, padding rows (mask 0)
+    zero: what the workers shipped before normalisation moved to the device; still what
+    reports that want host arrays use (pipeline.eval_batches)."""
+    mean, std = normalization(normalization_name)
+    images = pixels.astype(np.float32)
+    images -= mean
+    images /= std
+    images[np.asarray(mask) == 0] = 0.0
+    return images
+
+
 class _LoadBatch:
-    """Batch index -> one host batch: reads, decodes, crops and normalises (in a grain worker)."""
+    """Batch index -> one host batch of uint8 images: reads, decodes, crops (in a grain worker)."""
 
     def __init__(self, source, *, train: bool, num_examples: int, global_batch: int,
                  local_batch: int, process_index: int, seed: int, image_size: int,
-                 eval_resize: int, flip: bool, normalization: str, extra_keys=()):
+                 eval_resize: int, flip: bool, draft: bool = True, extra_keys=()):
         self.source, self.train, self.n = source, train, num_examples
         self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
         self.seed, self.size, self.eval_resize, self.flip = seed, image_size, eval_resize, flip
-        self.normalization, self.extra_keys = normalization, tuple(extra_keys)
+        self.draft, self.extra_keys = draft, tuple(extra_keys)
         self.steps_per_epoch = num_examples // global_batch
         self._perm_epoch, self._perm = -1, None  # the current epoch's order, cached per worker
 
@@ -119,21 +191,17 @@ class _LoadBatch:
         rows = index * self.global_batch + first + np.arange(self.local_batch)
         return 0, np.where(rows < self.n, rows, -1)
 
-    def transform(self, raw: bytes, rng: np.random.Generator | None) -> np.ndarray:
-        """Encoded image -> uint8 [S, S, 3]; random crop + flip if rng, else center crop."""
-        image = Image.open(io.BytesIO(raw))
-        if image.mode != "RGB":  # grayscale and CMYK JPEGs exist in ImageNet
-            image = image.convert("RGB")
-        width, height = image.size
+    def box_of(self, rng: np.random.Generator | None):
+        """(width, height) -> crop box: random resized crop if rng, else the eval center box."""
         if rng is not None:
-            left, top, w, h = _random_resized_crop(width, height, rng)
-        else:
-            # Resize the shorter side to eval_resize and take the center; done as one resize of
-            # the matching box of the original (cheaper, and the same up to rounding).
-            scale = self.eval_resize / min(width, height)
-            w = h = self.size / scale
-            left, top = (width - w) / 2, (height - h) / 2
-        image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+            return lambda width, height: _random_resized_crop(width, height, rng)
+        return lambda width, height: eval_box(width, height, self.size, self.eval_resize)
+
+    def transform(self, raw: bytes, rng: np.random.Generator | None) -> np.ndarray:
+        """Encoded image -> uint8 [S, S, 3]; random crop + flip if rng, else center crop.
+        The crop box is drawn first and the flip second, from the same rng as always."""
+        image, box = decode(raw, self.box_of(rng), self.size, self.draft)
+        image = crop_resize(image, box, self.size)
         if rng is not None and self.flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(image)
@@ -151,15 +219,9 @@ class _LoadBatch:
             labels[row] = example["label"]
             for key in self.extra_keys:
                 extras[key][row] = example[key]
-        # Normalise the whole batch at once, in place (per image it costs as much as the resize).
-        images = pixels.astype(np.float32)
-        if self.normalization == "imagenet":
-            images -= IMAGENET_MEAN
-            images /= IMAGENET_STD
-        else:
-            images /= 255.0
-        images[~real] = 0.0  # padding rows are zeros after normalisation, whatever the mean
-        return {"image": images, "label": labels, "mask": real.astype(np.float32), **extras}
+        # uint8 to the device (a quarter of float32's bytes through shared memory and the
+        # host-to-device copy); the pipeline normalises there (pipeline.normalize_on_device).
+        return {"image": pixels, "label": labels, "mask": real.astype(np.float32), **extras}
 
 
 def _quiet_resource_tracker() -> None:
@@ -235,6 +297,18 @@ class StreamIterator:
         self.close()
         self._next = int(state["next_batch"])
 
+    def measure_rate(self, max_images: int = 64) -> float:
+        """Images/s one worker delivers: reads and transforms up to `max_images` of the next
+        batch in this process, as a worker would (the stream's position does not move)."""
+        load = self._load
+        epoch, records = load._rows(self._next)
+        records = records[records >= 0][:max_images]
+        start = time.perf_counter()
+        for record, example in zip(records, load.source.__getitems__([int(r) for r in records])):
+            rng = np.random.default_rng([load.seed, 1, epoch, int(record)]) if load.train else None
+            load.transform(example["image"], rng)
+        return len(records) / max(time.perf_counter() - start, 1e-9)
+
     def close(self) -> None:
         """Stops the worker processes (they also stop when the iterator is garbage collected)."""
         if self._iterator is not None and hasattr(self._iterator, "close"):
@@ -249,7 +323,8 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
 
     Args:
       config: the whole config; reads data.name, data_dir, image_size, eval_resize, flip,
-        workers and normalization ("imagenet": ImageNet mean/std; "none": scale to [0, 1]).
+        jpeg_draft, workers and normalization (checked here; applied by the pipeline on the
+        device: "imagenet": ImageNet mean/std; "none": scale to [0, 1]).
       split: TFDS split, slicing allowed ("train[:10%]").
       train: True: endless, reshuffled every epoch, random crop + flip. False: one pass in
         order, shorter side to eval_resize, center crop, last batch padded (mask 0).
@@ -260,8 +335,8 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
       extra_keys: integer features to carry through as int64 (padding -1), e.g. ("id",).
 
     Returns:
-      A StreamIterator of {"image": float32 [L, S, S, 3], "label": int32 [L],
-      "mask": float32 [L]} with L = global_batch_size // process_count.
+      A StreamIterator of {"image": uint8 [L, S, S, 3] (padding rows zero), "label": int32
+      [L], "mask": float32 [L]} with L = global_batch_size // process_count.
     """
     data = config.data
     if data.normalization not in NORMALIZATIONS:
@@ -280,7 +355,7 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
     load = _LoadBatch(source, train=train, num_examples=n, global_batch=global_batch_size,
                       local_batch=global_batch_size // process_count, process_index=process_index,
                       seed=seed, image_size=data.image_size, eval_resize=data.eval_resize,
-                      flip=data.flip, normalization=data.normalization, extra_keys=extra_keys)
+                      flip=data.flip, draft=data.jpeg_draft, extra_keys=extra_keys)
     identity = {"dataset": data.name, "split": split, "train": train, "num_examples": n,
                 "global_batch_size": global_batch_size, "seed": seed}
     return StreamIterator(load, num_batches=None if train else -(-n // global_batch_size),
@@ -288,7 +363,7 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
 
 
 def measure_throughput(config, split: str, batch_size: int, num_batches: int) -> dict[str, float]:
-    """Images/s of the train pipeline (read + decode + crop + flip + normalise), one host.
+    """Images/s of the train pipeline (read + decode + crop + flip, uint8 out), one host.
 
     Times `num_batches` batches after one warm-up batch per worker (which pays for starting
     them). "images_per_s_per_worker" divides by the worker count (1 when workers = 0).

@@ -1,10 +1,16 @@
-"""A run's directory: its config.json, the lock that keeps one run in it, and the signals.
+"""A run's directory: config.json, the lock, the signals, its saved steps and which to load.
 
 `prepare` is called once the config and the data have been validated and before anything is
 compiled: it takes the lock, refuses a different run, checks the directory is writable with
-room for the checkpoints, and writes config.json.
+room for the checkpoints, and writes config.json. `load_config` reads config.json back;
+`saved_steps` lists the checkpoints on disk and `choose_checkpoint` turns "best", "latest"
+or a step into the step to restore, by one rule. `RunMeta` is the run's bookkeeping that
+every checkpoint carries.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import fcntl
 import json
 import os
@@ -17,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError, disk_full, is_disk_full, json_kind
 
 # Fields that define what a run *is*: resuming with any of them changed would mix two runs.
@@ -234,3 +241,165 @@ class SignalFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a run back: config.json, saved steps, which checkpoint, its bookkeeping.
+
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+def read_flat(workdir: str) -> dict[str, Any]:
+    """config.json as written by `write_config`: {"model.name": ..., "train.batch_size": ...}.
+
+    Raises:
+      UserError: no workdir, no or unreadable config.json.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise UserError(f"no run in {workdir} (no such directory)")
+    if not os.path.isfile(path):
+        raise UserError(f"no run in {workdir} (config.json missing)")
+    try:
+        with open(path) as f:
+            flat = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(flat, dict):
+        raise UserError(f"{path} is not a JSON object of dotted keys")
+    return flat
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The ConfigDict a run was trained with, rebuilt from `workdir/config.json`.
+
+    config.json holds the config flattened to dotted keys, tuples stored as JSON lists; this
+    starts from `config.default_config()` and sets every key, turning lists back into tuples
+    where the default is a tuple. Keys the defaults lack (a newer or older schema) are added
+    as they are, so nothing the run recorded is dropped.
+
+    Raises:
+      UserError: no workdir, no or unreadable config.json, or a value of the wrong type.
+    """
+    path = os.path.join(workdir, "config.json")
+    flat = read_flat(workdir)
+    config = config_lib.default_config()
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for parent in parents:
+                if parent not in node:
+                    node[parent] = ml_collections.ConfigDict()
+                node = node[parent]
+            if isinstance(node.get(leaf), tuple) and isinstance(value, list):
+                value = tuple(value)
+            node[leaf] = value
+        except (TypeError, ValueError, AttributeError, KeyError) as error:
+            raise UserError(f"{path}: cannot set {key}={value!r}: {str(error).splitlines()[0]}") from None
+    return config
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Steps on disk, ascending, without creating anything (Orbax's manager would make the
+    folder): the one listing of a run's checkpoints."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def check_checkpoint(workdir: str, which: str | int) -> list[int]:
+    """The saved steps, when `which` (as `parse_checkpoint` returns it) can be loaded.
+
+    Raises:
+      UserError: no checkpoint at all, or the step asked for is not on disk.
+    """
+    saved = saved_steps(workdir)
+    if not saved:
+        raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}: the run has not saved one yet")
+    if isinstance(which, int) and which not in saved:
+        raise UserError(f"no checkpoint at step {which} in {checkpoint_dir(workdir)}; have {saved}")
+    return saved
+
+
+def parse_checkpoint(checkpoint: str | int) -> str | int:
+    """"best", "latest" or a step number (int).
+
+    Raises:
+      UserError: anything else.
+    """
+    text = str(checkpoint).strip()
+    if text in CHECKPOINT_CHOICES:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise UserError(f"--checkpoint must be best, latest or a step number, got {checkpoint!r}")
+
+
+def choose_checkpoint(checkpoints, which: str | int) -> tuple[int | None, str | None]:
+    """The step to restore (None: the newest readable) and a note when "best" falls back.
+
+    The one rule for "best": the best step recorded in the newest readable checkpoint's
+    metadata, if that step is still on disk; otherwise the latest, with a note saying why.
+
+    Args:
+      checkpoints: the run's `checkpoint.Checkpoints`.
+      which: as `parse_checkpoint` returns it.
+    """
+    if not isinstance(which, str):
+        return which, None
+    if which == "latest":
+        return None, None
+    steps = sorted(checkpoints.steps(), reverse=True)
+    meta = next((m for m in (checkpoints.read_meta(s) for s in steps) if m is not None), None)
+    best = RunMeta.from_json(meta).best_step
+    if best is None:
+        return None, "no best step recorded (the run has not evaluated yet); using the latest checkpoint"
+    if int(best) not in steps:
+        return None, (f"the best step {best} is no longer on disk (have {sorted(steps)}); "
+                      "using the latest checkpoint")
+    return int(best), None
+
+
+@dataclasses.dataclass
+class RunMeta:
+    """What a checkpoint records about its run besides the arrays (its JSON `meta` item).
+
+    Attributes:
+      step: the checkpoint's step.
+      best_error, best_step: the lowest error of the watched split so far, and where.
+      evals_since_best: evaluations since then (early stopping's patience).
+      stopped_early: the step early stopping ended the run at, if it did.
+      data_state: the input pipeline's position (grain's iterator state; None on device).
+      normalization: {"mean", "std"} the inputs were normalised with (lists).
+      image_shape: the model's input shape [H, W, C].
+      imported_from: {"file", "format", "sha256"} of imported weights.
+    """
+
+    step: int = 0
+    best_error: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: int | None = None
+    data_state: Any = None
+    normalization: dict | None = None
+    image_shape: list[int] | None = None
+    imported_from: dict | None = None
+
+    @classmethod
+    def from_json(cls, saved: dict | None) -> RunMeta:
+        """From a checkpoint's meta; keys of another version of this class are ignored."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (saved or {}).items() if k in names})
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["imported_from"] is None:  # only imported runs say where they came from
+            del out["imported_from"]
+        return out

@@ -1,0 +1,138 @@
+"""The pure-JAX core of training: TrainState, the model a config names, the loss, the
+per-device train and eval steps, and the device-side metric sums. No I/O.
+
+`train_step` and `eval_step` are written for one device with collectives over the "data"
+axis (`axis_name=None`: one device, no collectives); resnet_jax.parallel maps them over
+every device and the data pipeline feeds them.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from resnet_jax import metrics as metrics_lib
+from resnet_jax import models
+from resnet_jax.parallel import AXIS
+
+NO_NONFINITE_STEP = np.iinfo(np.int32).max
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> models.ResNet:
+    """The model `config.model` describes (the trainer knows nothing of its insides)."""
+    m = config.model
+    return models.create(
+        m.name, num_classes=config.data.num_classes, family=m.family or None, shortcut=m.shortcut,
+        zero_init_residual=m.zero_init_residual, bottleneck_stride=m.bottleneck_stride, dtype=m.dtype,
+        dropout_rate=m.dropout_rate, bn_axis_name=bn_axis_name,
+    )
+
+
+def create_train_state(model: models.ResNet, tx: optax.GradientTransformation, seed: int,
+                       image_shape: tuple[int, ...]) -> TrainState:
+    """Fresh parameters (from `seed`), BN statistics and optimiser state."""
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params))
+
+
+def abstract_variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> dict:
+    """Shapes and dtypes of {"params", "batch_stats"}, traced, not compiled or run."""
+    variables = jax.eval_shape(lambda: build_model(config).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The loss, per example: softmax cross-entropy against integer labels. Training, every
+    evaluation and the analyses use this one function (label smoothing would go here)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def loss_and_grads(params: Any, batch_stats: Any, batch: dict, dropout_key: jax.Array, *, model):
+    """The training forward pass (train-mode BN, dropout) and its gradients on `batch`.
+
+    Returns:
+      (mean loss, logits, updated BN statistics, gradients with respect to `params`).
+    """
+
+    def loss_fn(params):
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_key},
+        )
+        return cross_entropy(logits, batch["label"]).mean(), (logits, updated["batch_stats"])
+
+    (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, logits, new_batch_stats, grads
+
+
+def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model, tx, bn_sync: bool,
+               axis_name: str | None = AXIS):
+    """One SGD step on this device's part of the batch; gradients averaged over `axis_name`.
+
+    With sync BN the model normalises over the global batch itself (its BN layers pmean
+    their statistics); otherwise each device normalises alone, like the paper's per-GPU BN,
+    and the running statistics are averaged here so every replica holds the same state.
+
+    Returns:
+      The new state, and the step's metrics over the global batch: a dict whose every entry
+      is averaged over the steps between two logs (a new metric is one line here).
+    """
+    mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
+    loss, logits, batch_stats, grads = loss_and_grads(state.params, state.batch_stats, batch, dropout_key,
+                                                      model=model)
+    grads = mean(grads)
+    if not bn_sync:
+        batch_stats = mean(batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": mean(loss),
+        "error": 1.0 - mean(jnp.mean(jnp.argmax(logits, -1) == batch["label"])),
+        "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+    }
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model) -> dict:
+    """Sums over this device's part of the batch of loss and top-1/top-5 hits, padding
+    masked out. The pipeline adds them up over batches and then over devices (one psum per
+    evaluation rather than one per batch)."""
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    mask = batch["mask"]
+    return {
+        "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+        "top1": jnp.sum(metrics_lib.topk_correct(logits, batch["label"], 1) * mask),
+        "top5": jnp.sum(metrics_lib.topk_correct(logits, batch["label"], 5) * mask),
+        "examples": jnp.sum(mask),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics summed on the device between two fetches by the host.
+
+
+def zero_accumulator(metrics: dict) -> dict:
+    """Zero sums of `metrics` (names -> scalars or their shapes), on the host."""
+    return {"sums": jax.tree.map(lambda _: np.float32(0), metrics), "steps": np.float32(0),
+            "first_nonfinite_step": np.int32(NO_NONFINITE_STEP)}
+
+
+def accumulate(acc: dict, metrics: dict, step: jax.Array) -> dict:
+    """Adds one step's metrics; remembers the first step whose metrics were not finite."""
+    finite = jnp.all(jnp.stack([jnp.isfinite(m) for m in jax.tree.leaves(metrics)]))
+    return {"sums": jax.tree.map(jnp.add, acc["sums"], metrics), "steps": acc["steps"] + 1,
+            "first_nonfinite_step": jnp.where(finite, acc["first_nonfinite_step"],
+                                              jnp.minimum(acc["first_nonfinite_step"], step))}
