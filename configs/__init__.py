@@ -1,5 +1,6 @@
 """Config recipes, one file per family; `get_config(arg)` selects a variant.
 
-Named on the command line as `--config=cifar:resnet56` (installed files, from any directory)
-or as a path, `--config=configs/cifar.py:resnet56`; `resnet-jax configs` lists them.
+Installed as `resnet_jax.configs`. Named on the command line as `--config=cifar:resnet56`
+(the installed files, from any directory) or as a path, `--config=configs/cifar.py:resnet56`;
+`resnet-jax configs` lists them.
 """

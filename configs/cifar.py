@@ -2,12 +2,12 @@
 
     python -m resnet_jax.main --config=cifar:resnet56 --workdir=runs/r56
     python -m resnet_jax.main --config=cifar:plain20,cifar100 --workdir=runs/p20c100
-    python -m resnet_jax.main --config=cifar:plain56,short,npz \\
-        --config.data.path=../shared/data/cifar10/cifar10.npz --workdir=runs/p56_short
+    python -m resnet_jax.data.cifar_npz cifar-10-python.tar.gz cifar10.npz   # offline: make the .npz once
+    python -m resnet_jax.main --config=cifar:plain56,short,npz --config.data.path=cifar10.npz --workdir=runs/p56_short
 
 The variant is "<model>[,<option>...]": the model (resnet20 ... resnet1202, plain20 ...
 plain110, any depth 6n+2), then in any order at most one dataset (cifar10, cifar100), one
-schedule (paper, short, smoke, gpu) and one data source (tfds, npz, synthetic); see VARIANTS.
+schedule (paper, gpu_paper, short, smoke, gpu) and one data source (tfds, npz, synthetic); see VARIANTS.
 Every run of experiments/degradation.py and experiments/skip_ablation.py is one of these,
 so each cell of their tables reproduces with the command they print.
 
@@ -25,6 +25,7 @@ from resnet_jax.config import default_config
 DATASETS = {"cifar10": 10, "cifar100": 100}
 SOURCES = ("tfds", "npz", "synthetic")
 PAPER_STEPS = 64_000
+NPZ_EVAL = "test=test,test_exact=test_exact?"  # test_exact where the .npz has it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Schedule:
     checkpoint_every: int
     eval_batch_size: int
     # Data source -> eval splits; the first is the headline (and picks the best checkpoint).
-    # The offline npz also holds `test_exact`, the 1,000 byte-exact test images.
+    # An .npz may also hold `test_exact` (say, the byte-exact test images where the rest of
+    # its `test` split are re-encoded copies): evaluated where the file has it ("?").
     eval_splits: dict
     train_split: str = "train"
     source: str = "tfds"  # when the variant names none
@@ -48,6 +50,7 @@ class Schedule:
     synthetic_examples: int = 2048
     keep_checkpoints: int = 3
     steps_per_dispatch: int = 0  # auto: 1 on CPU, more on an accelerator (resnet_jax/config.py)
+    dtype: str = ""  # compute dtype; "": the config's default (float32)
 
 
 SCHEDULES = {
@@ -55,25 +58,33 @@ SCHEDULES = {
         "the recipe, evaluated every 1,000 steps: 64k steps of batch 128, lr 0.1 /10 at 32k and 48k",
         total_steps=PAPER_STEPS, batch_size=128, lr=0.1, log_every=100, eval_every=1000, checkpoint_every=1000,
         eval_batch_size=1000,
-        eval_splits={"tfds": "test=test", "npz": "test=test,test_exact=test_exact", "synthetic": "test=test"}),
+        eval_splits={"tfds": "test=test", "npz": NPZ_EVAL, "synthetic": "test=test"}),
+    "gpu_paper": Schedule(
+        "the recipe as the paper ran it, on one GPU: 64k steps of batch 128 in bfloat16 compute, 8 steps a "
+        "dispatch, evaluated every 1,000 steps on the 1,000 exact test images (npz) and the test set, "
+        "one checkpoint, at the end (and on SIGTERM)",
+        total_steps=PAPER_STEPS, batch_size=128, lr=0.1, log_every=200, eval_every=1000, checkpoint_every=PAPER_STEPS,
+        eval_batch_size=1000, keep_checkpoints=1, steps_per_dispatch=8, dtype="bfloat16",
+        # test_exact first: the headline and the paper's curves; the full test set for Table 6.
+        eval_splits={"tfds": "test=test", "npz": "test_exact=test_exact?,test=test", "synthetic": "test=test"}),
     "gpu": Schedule(
         "the recipe's shape in 16k steps (41 epochs): batch 128, lr 0.1 /10 at 50 % and 75 %, evaluated "
         "every 2,000 steps, 1 checkpoint kept (small enough to carry off a device)",
         total_steps=16_000, batch_size=128, lr=0.1, log_every=200, eval_every=2000, checkpoint_every=2000,
         eval_batch_size=1000, keep_checkpoints=1,
-        eval_splits={"tfds": "test=test", "npz": "test=test,test_exact=test_exact", "synthetic": "test=test"}),
+        eval_splits={"tfds": "test=test", "npz": NPZ_EVAL, "synthetic": "test=test"}),
     "short": Schedule(
         "the recipe's shape in 480 steps of batch 32 (31 % of an epoch), lr 0.025 (0.1 x 32/128), "
         "evaluated on 1,000 test images: a CPU run that shows how each net starts to train",
         total_steps=480, batch_size=32, lr=0.025, log_every=10, eval_every=120, checkpoint_every=120,
         eval_batch_size=500,
-        eval_splits={"tfds": "test1k=test[:1000]", "npz": "test_exact=test_exact", "synthetic": "test=test"}),
+        eval_splits={"tfds": "test1k=test[:1000]", "npz": "test1k=test[:1000]", "synthetic": "test=test"}),
     "smoke": Schedule(
         "a pipeline check in seconds: 8 steps of batch 16 on 128 random 16x16 images (unless a source "
         "is named); its errors mean nothing",
         total_steps=8, batch_size=16, lr=0.05, log_every=2, eval_every=4, checkpoint_every=4, eval_batch_size=100,
         train_split="train[:512]", source="synthetic", image_size=16, synthetic_examples=128,
-        eval_splits={"tfds": "test=test[:200]", "npz": "test_exact=test_exact[:200]", "synthetic": "test=test"}),
+        eval_splits={"tfds": "test=test[:200]", "npz": "test=test[:200]", "synthetic": "test=test"}),
 }
 
 # For `resnet-jax configs`.
@@ -127,6 +138,8 @@ def _apply_schedule(config, schedule: Schedule) -> None:
     train.keep_checkpoints, train.steps_per_dispatch = schedule.keep_checkpoints, schedule.steps_per_dispatch
     config.data.train_split = schedule.train_split
     config.optim.lr = schedule.lr
+    if schedule.dtype:
+        config.model.dtype = schedule.dtype
     if config.optim.warmup_steps:  # ResNet-110+: 400 of 64k steps at lr 0.01, kept in proportion
         config.optim.warmup_steps = max(1, round(config.optim.warmup_steps * schedule.total_steps / PAPER_STEPS))
         config.optim.warmup_lr = config.optim.warmup_lr * schedule.lr / 0.1
@@ -137,7 +150,7 @@ def _apply_source(config, source: str, schedule: Schedule | None) -> None:
     if schedule:
         config.data.eval_splits = schedule.eval_splits[source]
     elif source == "npz":
-        config.data.eval_splits = "test=test,test_exact=test_exact"
+        config.data.eval_splits = NPZ_EVAL
     if source == "synthetic":
         config.data.train_split = "train"
         config.data.image_size = schedule.image_size if schedule else 32

@@ -4,7 +4,7 @@
         [--data=synthetic|device|stream] [--json=FILE]
 
 - synthetic: the mapped train step on one fixed batch already on the device (what
-  ../shared/bench/reference.py measures); ms/step (median of three rounds of --steps/3
+  experiments/reference.py measures); ms/step (median of three rounds of --steps/3
   back-to-back steps), img/s, compile time (lowering + XLA compilation), model FLOP/s
   (from XLA's cost analysis of the step as lowered) and MFU against the card's peak.
 - device: `train_and_evaluate` end to end on device-resident data (gather, augmentation,
@@ -56,7 +56,7 @@ PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16
 
 
 def _config(model: str, batch: int, dtype: str, image_size: int):
-    from configs import cifar, imagenet
+    from resnet_jax.configs import cifar, imagenet
 
     if models.model_family(model) == "imagenet":
         config = imagenet.get_config(model)
@@ -124,7 +124,7 @@ def synthetic_step(config, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         state, acc = step(state, device_batch, acc)
     jax.block_until_ready(acc)
-    # Like reference.py: steps are dispatched back to back and waited for once, so host
+    # Like experiments/reference.py: steps are dispatched back to back and waited for once, so host
     # synchronisation is not timed; the median over a few such rounds resists noise.
     times = []
     per_round = max(steps // 3, 1)

@@ -2,7 +2,7 @@
 
     python -m experiments.degradation --workdir=runs/degradation                   # paper
     python -m experiments.degradation --workdir=runs/degradation_short --schedule=short \\
-        --depths=20,56 --data=npz:../shared/data/cifar10/cifar10.npz
+        --depths=20,56 --data=npz:cifar10.npz   # python -m resnet_jax.data.cifar_npz makes it
     python -m experiments.degradation --workdir=/tmp/deg_smoke --schedule=smoke    # < 1 min
 
 Trains plain-d and ResNet-d for every depth d and seed, one workdir each (WORKDIR/plain20_seed0,
@@ -13,13 +13,25 @@ and in table.md. A finished run is skipped, an interrupted one resumes: repeat t
 everything is done. Then it writes WORKDIR/fig6.png (the Fig. 6 replica), WORKDIR/table.md (ours
 beside the paper's, and whether degradation shows) and WORKDIR/results.json (one row per run).
 
+On a GPU, the paper's recipe in bfloat16 (`gpu_paper`), several runs sharing the card, only
+whole runs that fit 9 minutes, records kept (see scripts/gpu/plan.sh):
+
+    python -m experiments.degradation --workdir=/tmp/deg --schedule=gpu_paper --data=npz:cifar10.npz \
+        --concurrent=auto --calibration=calibration.json --budget_s=540 --records=docs/reproduction/CARD_DATE
+
+--concurrent=K trains up to K runs at once, each its own resnet_jax.main process (CUDA MPS where
+`nvidia-cuda-mps-control` exists); --budget_s starts a run only if calibration.json predicts it
+ends in time, and says which are left (exit 3; the same command continues). --records: folders
+of earlier runs' records (config.json, metrics.jsonl, done.json; no checkpoints); runs found
+there are skipped, runs finished now are copied into the first, and the tables are built from
+the records, so a study can grow over several invocations and machines.
+
 Expected (paper): ResNet test error falls with depth (8.75 % at 20 to 6.97 % at 56) while plain
 nets get worse (Fig. 6: plain-56 has higher training *and* test error than plain-20).
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
@@ -27,9 +39,9 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from experiments import runs
+from . import runs
 from resnet_jax import cli
-from resnet_jax.errors import UserError
+from resnet_jax.errors import PREEMPTED_EXIT, UserError
 
 # He et al. 2015, Table 6 (CIFAR-10 test error, %; ResNet-110 best of 5 runs, mean 6.61 ± 0.16).
 # Plain nets have no table: plain-20 ~9.5 % and plain-56 ~13.5 % are read off Fig. 6 (left).
@@ -44,7 +56,7 @@ PAPER_TEST_ERROR = {
     ("plain", 20): (9.5, "≈, read off Fig. 6"),
     ("plain", 56): (13.5, "≈, read off Fig. 6"),
 }
-DEFAULT_DEPTHS = {"paper": (20, 32, 44, 56), "gpu": (20, 56), "short": (20, 56), "smoke": (8, 14)}
+DEFAULT_DEPTHS = {"paper": (20, 32, 44, 56), "gpu_paper": (20, 56), "gpu": (20, 56), "short": (20, 56), "smoke": (8, 14)}
 
 FLAGS = flags.FlagValues()
 runs.define_flags(FLAGS, DEFAULT_DEPTHS)
@@ -52,13 +64,14 @@ flags.DEFINE_list("depths", None, "CIFAR depths 6n+2, comma separated (default: 
                   "short 20,56; smoke 8,14).", flag_values=FLAGS)
 
 
-def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None) -> list[runs.Run]:
-    """plain-d and ResNet-d for every depth and seed, as configs/cifar.py variants."""
+def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None) -> list[runs.RunSpec]:
+    """plain-d and ResNet-d for every depth and seed, as configs/cifar.py variants, seed by seed."""
     source, overrides = runs.parse_data(data)
     suffix = f",{schedule}" + (f",{source}" if source else "")
+    # Seed-major: a budget that ends early leaves whole seeds of the study, not whole depths.
     return [runs.make_run(f"{kind}{depth}_seed{seed}", f"{kind}{depth}{suffix}",
                           {**overrides, **({"train.seed": seed} if seed else {})}, type=kind, depth=depth)
-            for depth in depths for kind in ("plain", "resnet") for seed in range(seeds)]
+            for seed in range(seeds) for depth in depths for kind in ("plain", "resnet")]
 
 
 def findings(rows: list[dict], eval_split: str) -> list[str]:
@@ -100,19 +113,20 @@ def findings(rows: list[dict], eval_split: str) -> list[str]:
     return lines + [f"- {r['name']} diverged: {r['failed']}" for r in rows if r.get("failed")]
 
 
-def write_table(path: str, rows: list[dict], schedule: str, data: str, command: str, started: str,
-                machine_line: str, minutes: float) -> None:
+def write_table(path: str, rows: list[dict], schedule: str, data: str, command: str,
+                left: dict[str, str] | None = None) -> None:
+    """table.md from the rows alone (their records): rebuilt from the same records, the
+    same file, whichever invocation or machine trained them."""
     eval_splits, headline = rows[0]["eval_splits"], rows[0]["headline_split"]
     out = ["# Degradation: plain vs residual nets on CIFAR-10 (He et al. 2015, Fig. 6 / Table 6)", "",
            f"- Schedule: `{schedule}` (configs/cifar.py; `resnet-jax configs` describes it); data `{data}`.",
-           f"- Date: {started}; wall time of this invocation {minutes:.1f} min (runs skipped as finished cost nothing).",
-           f"- Training: {runs.training_summary(rows)}.", f"- Machine: {machine_line}.", f"- Command: `{command}`", "",
-           "Training error: running top-1 error on the augmented training batches over the last 10 % of the "
+           f"- Training: {runs.training_summary(rows)}.", f"- Ran on: {runs.cards(rows)}.", f"- Command: `{command}`",
+           "", "Training error: running top-1 error on the augmented training batches over the last 10 % of the "
            "steps (the end of Fig. 6's thin curves). Test errors: the final model on each evaluation split. "
            "Mean ± std over seeds (no ± with one seed). Paper: test error of a full-length run "
            "(Table 6, or read off Fig. 6 where marked ≈). Each row's runs: `## Commands` below.", ""]
     header = ["net", "depth", "seeds", "steps", "train error %", *[f"{s} error %" for s in eval_splits],
-              "paper test error %", "train min", "configs/cifar.py variant"]
+              f"best {headline} error %", "paper test error %", "train min", "configs/cifar.py variant"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, depth in sorted({(r["type"], r["depth"]) for r in rows}, key=lambda k: (k[0] != "plain", k[1])):
         members = [r for r in rows if r["type"] == kind and r["depth"] == depth and not r.get("failed")]
@@ -123,49 +137,80 @@ def write_table(path: str, rows: list[dict], schedule: str, data: str, command: 
                  "/".join(sorted({str(r["steps"]) for r in members})) or "—",
                  runs.pct(*runs.mean_std([r["train_error"] for r in members])[:2]),
                  *[runs.pct(*runs.mean_std([r.get(f"{s}_error") for r in members])[:2]) for s in eval_splits],
+                 runs.pct(*runs.mean_std([r.get(f"{headline}_best_error") for r in members])[:2]),
                  f"{paper[0]:.2f} ({paper[1]})" if paper else "—",
                  f"{sum(r.get('minutes') or 0 for r in members):.1f}",
                  f"`{(members or failed)[0]['variant']}`"]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "## What it shows", "", *(findings(rows, headline) or ["- Nothing to compare: one depth per net type."])]
-    if schedule != "paper":
+    if left:
+        out += ["", "## Not yet run", "", "The same command continues with these (finished runs are skipped):", "",
+                *[f"- `{name}`: {why}" for name, why in left.items()]]
+    if schedule not in ("paper", "gpu_paper"):
         out += ["", f"The `{schedule}` schedule is shorter than the paper's 64k steps: compare nets with each other "
                 "here, not with the paper's column."]
     out += ["", "Noise: two standard errors of the difference, from the binomial sampling error of each error rate "
             "on the images it was measured on, plus the spread over seeds when there are several.", "",
             f"Files: `fig6.png` (thin dashed: training error; bold: {headline} error), `results.json` (one row per "
-            "run), one workdir per run.", "", *runs.commands_section(rows)]
+            "run), one record per run (config.json, metrics.jsonl, done.json).", "", *runs.commands_section(rows)]
     with open(path, "w") as f:
         f.write("\n".join(out))
 
 
-def run_experiment(argv: Sequence[str], log: Callable[[str], None] = print) -> list[dict]:
-    """Trains what is missing, then writes fig6.png, table.md and results.json."""
-    schedule, seeds = FLAGS.schedule, FLAGS.seeds
-    depths = runs.parse_depths(FLAGS.depths, DEFAULT_DEPTHS[schedule])
-    planned = plan(schedule, depths, seeds, FLAGS.data)  # bad --data fails here, before JAX loads
-    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-    runs.check_experiment(workdir, {"experiment": "degradation", "schedule": schedule, "data": FLAGS.data or ""})
-    started, start = datetime.datetime.now().isoformat(timespec="seconds"), time.time()
-    machine_line = runs.machine()
-    log(f"degradation: {schedule} schedule, depths {depths}, {seeds} seed(s), data {FLAGS.data or 'default'}; "
-        f"{machine_line}")
-    rows = []
-    for index, run in enumerate(planned, 1):
-        run_dir = os.path.join(workdir, run.name)
-        done = runs.run_or_skip(run, run_dir, lambda line: log(f"[{index}/{len(planned)}] {line}"))
-        rows.append(runs.result_row(run, done, run_dir))
+def experiment_command(workdir: str, schedule: str, depths: Sequence[int], seeds: int, data: str | None,
+                       records: Sequence[str] = ()) -> str:
+    """The command that builds this study (how its runs share the machine left out: the
+    results do not depend on it)."""
+    args = [f"--workdir={workdir}", f"--schedule={schedule}", f"--depths={','.join(map(str, depths))}",
+            f"--seeds={seeds}", *([f"--data={data}"] if data else []),
+            *([f"--records={','.join(records)}"] if records else [])]
+    return runs.command_line("experiments.degradation", ["", *args])
 
-    from resnet_jax import figures
 
-    figures.degradation_png(runs.figure_runs(rows), os.path.join(workdir, "fig6.png"),
-                            title=f"plain vs residual nets on CIFAR-10 ({schedule} schedule; He et al. 2015, Fig. 6)")
+def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[int] | None = None, seeds: int = 1,
+                   data: str | None = None, concurrent: int | str = 1, calibration: str = "", budget_s: float = 0,
+                   records: Sequence[str] = (), log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Trains what is not recorded yet (whole runs only, within `budget_s` when given), then
+    writes fig6.png, table.md and results.json into `workdir` from the runs' records.
+
+    Args:
+      workdir: the experiment's folder (one workdir per run inside).
+      schedule, depths, seeds, data: which runs (see the module docstring).
+      concurrent: runs at once (or "auto", from `calibration`).
+      calibration: calibration.json for "auto" and `budget_s`.
+      budget_s: seconds of training this invocation may take (0: no limit).
+      records: folders of records from earlier invocations; new records are copied into the first.
+      log: where progress lines go.
+
+    Returns:
+      (rows of results.json, {run name: why it is left for the next invocation}).
+    """
+    depths = runs.parse_depths([str(d) for d in depths] if depths else None, DEFAULT_DEPTHS[schedule])
+    planned = plan(schedule, depths, seeds, data)  # bad --data fails here, before JAX loads
+    concurrent, calibrated = runs.sharing(str(concurrent), calibration, budget_s)
+    records = runs.parse_records(records)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    runs.check_experiment(workdir, {"experiment": "degradation", "schedule": schedule, "data": data or ""})
+    start = time.time()
+    log(f"degradation: {schedule} schedule, depths {depths}, {seeds} seed(s), data {data or 'default'}, "
+        f"{concurrent} at once")
+    outcome = runs.train_all([(run, os.path.join(workdir, run.name)) for run in planned], concurrent=concurrent,
+                             log=log, records_in=records, records_out=records[0] if records else None,
+                             budget_s=budget_s, calibration=calibrated)
+    rows = [runs.result_row(run, outcome.done[run.name], os.path.join(workdir, run.name))
+            for run in planned if run.name in outcome.done]
+    if rows:
+        from . import plots  # matplotlib: only once there is something to draw
+
+        plots.degradation_png(runs.figure_runs(rows), os.path.join(workdir, "fig6.png"),
+                              title=f"plain vs residual nets on CIFAR-10 ({schedule} schedule; He et al. 2015, Fig. 6)")
+        write_table(os.path.join(workdir, "table.md"), rows, schedule, data or "the schedule's default",
+                    experiment_command(workdir, schedule, depths, seeds, data, records), outcome.left)
+        runs.save_results(os.path.join(workdir, "results.json"), rows)
     minutes = (time.time() - start) / 60
-    write_table(os.path.join(workdir, "table.md"), rows, schedule, FLAGS.data or "the schedule's default",
-                runs.command_line("experiments.degradation", argv), started, machine_line, minutes)
-    runs.save_results(os.path.join(workdir, "results.json"), rows)
-    log(f"wrote {workdir}/fig6.png, table.md, results.json ({minutes:.1f} min)")
-    return rows
+    log(f"wrote {workdir}/fig6.png, table.md, results.json ({len(rows)} of {len(planned)} runs; this invocation "
+        f"{minutes:.1f} min)" if rows else f"no run finished yet ({minutes:.1f} min)")
+    return rows, outcome.left
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -174,7 +219,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.parse_flags(FLAGS, argv, __doc__)
         if not FLAGS.workdir:
             raise UserError("--workdir is required")
-        run_experiment(argv, log=lambda line: print(line, flush=True))
+        _, left = run_experiment(FLAGS.workdir, schedule=FLAGS.schedule, depths=FLAGS.depths, seeds=FLAGS.seeds,
+                                 data=FLAGS.data, concurrent=FLAGS.concurrent, calibration=FLAGS.calibration,
+                                 budget_s=FLAGS.budget_s, records=FLAGS.records or (),
+                                 log=lambda line: print(line, flush=True))
+    if left:
+        print(f"left for the next invocation: {', '.join(left)}; run the same command again to continue", flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

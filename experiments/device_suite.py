@@ -1,23 +1,32 @@
 """Everything a GPU or TPU can show about resnet_jax, from one command that keeps to a budget.
 
     python -m experiments.device_suite --out=DIR [--parts=bench,e2e,degradation] [--budget_s=480]
-        [--tiny] [--reference=PATH] [--data=CIFAR10.npz] [--bench=resnet56_b128,...] [--e2e_dispatch=1,8,65]
+        [--tiny] [--data=CIFAR10.npz] [--bench=resnet56_b128,...] [--e2e_dispatch=1,8,65] [--reference=PATH]
+        [--concurrent=K|auto] [--calibration=calibration.json]
+    python -m experiments.device_suite --out=DIR --parts=calibrate [--tiny]
+
+- calibrate (not in the default parts; no data needed): DIR/calibration.json, what a training
+  run costs here alone and with 2 and 4 at once, with and without CUDA MPS
+  (experiments.calibration; about 2 minutes on a GPU). The degradation part and
+  `--concurrent=auto` read it; so does `python -m experiments.degradation --calibration=...`.
 
 - bench: the bf16 synthetic train step of resnet50 (batch 256, 224 px), resnet56 (128),
-  resnet20 (128) and resnet56 (1024), each beside the plain reference benchmark
-  (../shared/bench/reference.py; on the device machine the copy ../shared/gpu/stage.sh puts
-  in .gpu/bench/) run by this command on the same card: its Flax step, and torchvision
-  (eager; torch.compile for resnet50) where torch imports and sees a GPU. ms/step, img/s,
-  MFU, compile time, and the ratio to each reference. Each measurement is a process of its
-  own (`python -m experiments.benchmark ...`, `python reference.py ...`), one at a time.
-- e2e: resnet56 on the real CIFAR-10 (--data, an .npz) with pad-crop-flip augmentation and an
+  resnet20 (128) and resnet56 (1024), each beside the plain reference steps of
+  experiments/reference.py run by this command on the same card: its Flax step, and
+  torchvision (eager; torch.compile for resnet50) where torch imports and sees a GPU. ms/step,
+  img/s, MFU, compile time, and the ratio to each reference. Each measurement is a process of
+  its own (`python -m experiments.benchmark ...`, `python experiments/reference.py ...`), one
+  at a time.
+- e2e: resnet56 on the real CIFAR-10 (--data, an .npz: `python -m resnet_jax.data.cifar_npz`) with pad-crop-flip augmentation and an
   exact evaluation of test and test_exact every epoch, 3 epochs, once per steps-per-dispatch
   value (--e2e_dispatch; a chunk ends early at a log or evaluation, as in any run):
   end-to-end img/s as a percentage of the synthetic rate, and the time
   from launch to the first step.
-- degradation: plain-20, plain-56, ResNet-20, ResNet-56 in the `gpu` schedule of
-  configs/cifar.py (16k steps, evaluated every 2,000 on test and test_exact, 1 checkpoint
-  kept), each a `python -m resnet_jax.main` command (experiments.runs).
+- degradation: plain-20, plain-56, ResNet-20, ResNet-56 in the `gpu_paper` schedule of
+  configs/cifar.py (the paper's 64k steps in bf16, evaluated every 1,000 steps, one checkpoint
+  at the end), each a `python -m resnet_jax.main` command, up to --concurrent at once
+  (experiments.runs.train_all); with a calibration.json only the runs predicted to finish
+  inside the budget start, the rest are left for the next invocation.
 
 It keeps to --budget_s: a measurement that cannot finish in time is not started; a training
 run still going near the end gets SIGTERM, writes a checkpoint and exits 3. It then says what
@@ -26,7 +35,7 @@ measurements are kept, stopped runs resume). DIR/results.json holds every number
 the versions, the date and the command of each invocation; DIR/summary.md the tables.
 
 --tiny: every part on CPU in well under 2 minutes (resnet8 on 16 px synthetic images, a few
-steps; the reference still runs its smallest net, r20): checks the plumbing, measures nothing
+steps; the reference runs its r8): checks the plumbing, measures nothing
 worth quoting.
 """
 
@@ -45,35 +54,40 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from experiments import runs
+from . import calibration as calibration_lib
+from . import runs
+from .runs import machine, records, supervise
 from resnet_jax import cli
-from resnet_jax.errors import PREEMPTED_EXIT, UserError
+from resnet_jax.errors import PREEMPTED_EXIT, Preempted, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("bench", "e2e", "degradation")
-# Where the reference benchmark is: beside the checkout here, or where stage.sh copies it.
-REFERENCE_PATHS = (os.path.join(ROOT, "..", "shared", "bench", "reference.py"),
-                   os.path.join(ROOT, ".gpu", "bench", "reference.py"))
-# Where CIFAR-10 is: assembled by .gpu/setup_device.sh on the device machine, or here.
-DATA_PATHS = ("/tmp/data/cifar10.npz", os.path.join(ROOT, "..", "shared", "data", "cifar10", "cifar10.npz"))
+PARTS = ("calibrate", "bench", "e2e", "degradation")
+DEFAULT_PARTS = ("bench", "e2e", "degradation")
+# The plain Flax and torchvision steps the bench compares against, run as a script.
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py")
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "Folder for results.json, summary.md, logs/ and the runs' workdirs.",
                     flag_values=FLAGS)
-flags.DEFINE_list("parts", list(PARTS), f"Which parts, in order: {', '.join(PARTS)}.", flag_values=FLAGS)
+flags.DEFINE_list("parts", list(DEFAULT_PARTS), f"Which parts, in order: {', '.join(PARTS)} (calibrate: "
+                  "calibration.json, see experiments.calibration).", flag_values=FLAGS)
 flags.DEFINE_integer("budget_s", 480, "Seconds this invocation may take; it stops cleanly before.", lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_bool("tiny", False, "Every part on CPU in well under 2 minutes (tiny nets, synthetic data).",
                   flag_values=FLAGS)
-flags.DEFINE_string("reference", "", "reference.py (default: ../shared/bench/reference.py, else "
-                    ".gpu/bench/reference.py).", flag_values=FLAGS)
-flags.DEFINE_string("data", "", "CIFAR-10 .npz for e2e and degradation (default: /tmp/data/cifar10.npz, else "
-                    "../shared/data/cifar10/cifar10.npz).", flag_values=FLAGS)
+flags.DEFINE_string("reference", "", "Another reference script with experiments/reference.py's arguments and "
+                    "RESULT line (default: experiments/reference.py).", flag_values=FLAGS)
+flags.DEFINE_string("data", "", "CIFAR-10 .npz for e2e and degradation (python -m resnet_jax.data.cifar_npz "
+                    "makes one); without it those parts are left for later.", flag_values=FLAGS)
 flags.DEFINE_list("e2e_dispatch", ["1", "8", "65"], "e2e: train.steps_per_dispatch values to run (0: auto; 8 is "
                   "resnet_jax/config.py's assumed accelerator value; 65 divides the 130-step log period).",
                   flag_values=FLAGS)
 flags.DEFINE_list("bench", None, "bench: only these configurations (default all): resnet50_b256, resnet56_b128, "
                   "resnet20_b128, resnet56_b1024.", flag_values=FLAGS)
+flags.DEFINE_string("concurrent", "1", "degradation: runs at once (a number, or 'auto': the best of "
+                    "calibration.json).", flag_values=FLAGS)
+flags.DEFINE_string("calibration", "", "calibration.json for the degradation part's plan and --concurrent=auto "
+                    "(default: OUT/calibration.json when there is one).", flag_values=FLAGS)
 flags.DEFINE_bool("torch", True, "bench: also the torchvision references where torch sees a GPU.", flag_values=FLAGS)
 
 
@@ -84,7 +98,7 @@ class Bench:
     model: str
     batch: int
     image_size: int
-    ref_model: str  # reference.py's name: r50, r56, r20
+    ref_model: str  # experiments/reference.py's name: r50, r56, r20, r8
 
     @property
     def key(self) -> str:
@@ -93,8 +107,8 @@ class Bench:
 
 BENCHES = (Bench("resnet50", 256, 224, "r50"), Bench("resnet56", 128, 32, "r56"), Bench("resnet20", 128, 32, "r20"),
            Bench("resnet56", 1024, 32, "r56"))
-# The reference knows no resnet8: in --tiny the ratio checks the plumbing, not speed.
-TINY_BENCHES = (Bench("resnet8", 16, 16, "r20"),)
+# In --tiny the ratio checks the plumbing, not speed (the reference's r8 is on 32 px images).
+TINY_BENCHES = (Bench("resnet8", 16, 16, "r8"),)
 E2E_EPOCHS = 3
 E2E_LOG_EVERY = 130  # 390 steps an epoch at batch 128: 3 windows an epoch
 
@@ -111,15 +125,20 @@ class Task:
 
 
 class Suite:
-    def __init__(self, out: str, tiny: bool, budget_s: float, reference: str, data: str, argv: Sequence[str]):
+    def __init__(self, out: str, tiny: bool, budget_s: float, reference: str, data: str, argv: Sequence[str], *,
+                 benches: Sequence[Bench] | None = None, dispatch: Sequence[int] | None = None, torch: bool = True,
+                 concurrent: int | str = 1, calibration_path: str = ""):
         self.out, self.tiny, self.budget_s = out, tiny, budget_s
+        self.benches_chosen = tuple(benches) if benches is not None else (TINY_BENCHES if tiny else BENCHES)
+        self.dispatch_chosen = list(dispatch) if dispatch is not None else ([1] if tiny else [1, 8, 65])
+        self.torch, self.concurrent, self.calibration_path = torch, concurrent, calibration_path
+        self.machine: dict = {}
         self.reference, self.data = reference, data
         self.start = time.time()
         self.deadline = self.start + budget_s
         # Kept back at the end for writing results; a training run is sent SIGTERM this long
         # before its kill so it can write its checkpoint.
         self.margin_s, self.grace_s = (2.0, 6.0) if tiny else (10.0, 30.0)
-        self.child: subprocess.Popen | None = None
         self.stop_signal: str | None = None
         self.path = os.path.join(out, "results.json")
         self.results = runs.read_json(self.path) or {}
@@ -141,39 +160,20 @@ class Suite:
               env: dict | None = None, watch: Callable[[], None] | None = None) -> dict:
         """Runs `command` (cwd: the project root) with its output in logs/KEY.log until it
         exits or `deadline`: a training run gets SIGTERM `grace_s` before and a kill at the
-        deadline; anything else is killed at the deadline.
+        deadline; anything else gets SIGTERM at it and a kill 2 s later. A stop of the
+        suite (a signal) reaches it as one SIGTERM.
 
         Returns:
           {"code", "seconds", "stopped" (by the budget or a signal), "log"}.
         """
         path = self.log_path(key)
-        term_at = deadline - self.grace_s if training else deadline
-        start = time.time()
-        with open(path, "a") as log:
-            log.write(f"\n$ {shlex.join(command)}\n")
-            log.flush()
-            self.child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                          env=dict(os.environ, **(env or {})), start_new_session=True)
-            stopped = False
-            try:
-                while self.child.poll() is None:
-                    if watch:
-                        watch()
-                    now = time.time()
-                    if (now >= term_at or self.stop_signal) and not stopped:
-                        stopped = True
-                        self.child.send_signal(signal.SIGTERM)
-                        deadline = min(deadline, now + self.grace_s) if training else now + 2
-                    if now >= deadline:
-                        self.child.kill()
-                        self.child.wait()
-                        break
-                    time.sleep(0.05)
-                if watch:
-                    watch()
-            finally:
-                code, self.child = self.child.wait(), None
-        return {"code": code, "seconds": time.time() - start, "stopped": stopped, "log": os.path.relpath(path, self.out)}
+        # A training run checkpoints on SIGTERM, so it gets one grace_s before the deadline.
+        grace = self.grace_s if training else 2.0
+        term_at, kill_at = (deadline - grace, deadline) if training else (deadline, deadline + grace)
+        child = supervise.run(command, path, env, ROOT, term_at=term_at, kill_at=kill_at, grace_s=grace,
+                              watch=watch, stop_when=lambda: self.stop_signal is not None)
+        return {"code": child.code, "seconds": child.seconds, "stopped": child.stopped,
+                "log": os.path.relpath(path, self.out)}
 
     def _forward(self, signum, _frame) -> None:
         """SIGTERM/SIGINT to the suite: `spawn` passes one SIGTERM to the running child (a
@@ -187,25 +187,10 @@ class Suite:
     def probe(self) -> dict:
         """The card, versions and torch's view, from a child process (this one never starts
         a JAX backend: on a GPU it would take memory the measurements need)."""
-        code = ("import importlib.metadata as md, importlib.util, json, platform, jax\n"
-                "d = jax.devices()\n"
-                "v = {}\n"
-                "for p in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'torch', 'torchvision'):\n"
-                "    try: v[p] = md.version(p)\n"
-                "    except md.PackageNotFoundError: pass\n"
-                "torch_gpu = None\n"
-                "if d[0].platform == 'gpu' and importlib.util.find_spec('torch'):\n"
-                "    import torch; torch_gpu = torch.cuda.is_available()\n"
-                "print('PROBE ' + json.dumps({'backend': jax.default_backend(), 'device_kind': d[0].device_kind,\n"
-                "    'device_count': len(d), 'host': platform.node(), 'python': platform.python_version(),\n"
-                "    'versions': v, 'torch_gpu': torch_gpu}))\n")
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        line = next((l for l in result.stdout.splitlines() if l.startswith("PROBE ")), None)
-        if line is None:
-            raise UserError(f"JAX does not start here: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-        import json
-
-        return json.loads(line[len("PROBE "):])
+        try:
+            return machine.probe(cwd=ROOT)
+        except RuntimeError as error:
+            raise UserError(str(error)) from None
 
     # -----------------------------------------------------------------------------------
     # bench.
@@ -215,11 +200,11 @@ class Suite:
         rows = os.path.join(self.out, "logs", key.replace("/", "__") + ".jsonl")
         if os.path.exists(rows):
             os.remove(rows)
-        command = [sys.executable, "-m", "experiments.benchmark", f"--model={bench.model}", f"--batch={bench.batch}",
+        command = [sys.executable, "-m", f"{__package__}.benchmark", f"--model={bench.model}", f"--batch={bench.batch}",
                    f"--image_size={bench.image_size}", "--dtype=bfloat16", f"--steps={steps}", f"--warmup={warmup}",
                    "--data=synthetic", f"--json={rows}"]
         proc = self.spawn(command, key, deadline)
-        record = {"command": shlex.join(["python", *command[1:]]), **proc}
+        record = {"command": shlex.join(["python", *command[1:]]).replace(self.out + os.sep, "DIR/"), **proc}
         row = runs.read_json(rows) if proc["code"] == 0 else None
         if row:
             record.update({k: row.get(k) for k in ("ms_per_step", "images_per_sec", "compile_s", "tflops_per_sec",
@@ -243,26 +228,23 @@ class Suite:
     # -----------------------------------------------------------------------------------
     # e2e and degradation: resnet_jax.main runs.
 
-    def train_run(self, run: runs.Run, workdir: str, key: str, deadline: float,
+    def train_run(self, run: runs.RunSpec, workdir: str, key: str, deadline: float,
                   watch: Callable[[], None] | None = None) -> dict:
         """`run`'s command in `workdir` until it finishes or the budget stops it (exit 3,
-        checkpoint written). Writes done.json like experiments.runs.run_or_skip."""
-        done = runs.read_json(os.path.join(workdir, "done.json"), {"step": int})
-        total = run.config().train.total_steps
-        if done and done.get("step") == total:
-            return {**done, "code": 0, "stopped": False}
+        checkpoint written); skipped when its record says it finished, and recorded
+        (done.json) when it does: experiments.runs.records' protocol."""
+        found = records.existing(run, workdir, log=lambda _: None)
+        if found and not found.get("failed"):
+            return {**found, "code": 0, "stopped": False}
         command = [sys.executable, "-m", "resnet_jax.main", *run.args(workdir)]
         proc = self.spawn(command, key, deadline, training=True, env=run.env(), watch=watch)
         step, results = runs.last_evaluation(workdir) if os.path.isdir(workdir) else (0, {})
-        saved = os.path.join(workdir, "checkpoints")
-        saved = [int(d) for d in os.listdir(saved) if d.isdigit()] if os.path.isdir(saved) else []
-        record = {"name": run.name, "step": step, "total_steps": total, "results": results,
-                  "checkpoint_step": max(saved, default=None),
-                  "minutes": proc["seconds"] / 60, "command": run.command(workdir), **proc,
-                  "finished": datetime.datetime.now().isoformat(timespec="seconds")}
         if proc["code"] == 0:
-            runs.write_json(os.path.join(workdir, "done.json"), record)
-        return record
+            record = records.finish(run, workdir, step, results, proc["seconds"], self.machine)
+        else:
+            record = {"name": run.name, "step": step, "total_steps": run.config().train.total_steps,
+                      "results": results, "command": run.command(workdir), "minutes": proc["seconds"] / 60}
+        return {**record, "checkpoint_step": checkpoint_step(workdir), **proc}
 
     def e2e(self, dispatch: int, deadline: float, key: str) -> dict:
         workdir = os.path.join(self.out, "e2e", f"spd{dispatch}")
@@ -322,16 +304,54 @@ class Suite:
                 "launch_to_first_step_s": first_log - r0["step"] * batch / logged,
                 "wall_window_steps": [s0, s1], "evaluations": [step for step, _ in evals]}
 
-    def degradation_runs(self) -> list[runs.Run]:
-        from experiments import degradation
+    def degradation_runs(self) -> list[runs.RunSpec]:
+        from . import degradation
 
         if self.tiny:
             planned = degradation.plan("smoke", [8], 1, None)
         else:
             # Without data (not yet on the device machine) only the names are used: nothing runs.
-            planned = degradation.plan("gpu", [20, 56], 1, f"npz:{self.data}" if self.data else None)
+            planned = degradation.plan("gpu_paper", [20, 56], 1, f"npz:{self.data}" if self.data else None)
         extra = (("train.keep_checkpoints", 1), ("train.progress", False))
         return [dataclasses.replace(r, overrides=r.overrides + extra) for r in planned]
+
+    def calibration(self) -> runs.Calibration | None:
+        path = self.calibration_path or os.path.join(self.out, "calibration.json")
+        return runs.Calibration.load(path) if os.path.exists(path) else None
+
+    def degradation(self, tasks: list[Task], deadline: float) -> dict[str, dict]:
+        """The degradation runs of `tasks`, up to --concurrent at once (experiments.runs.train_all):
+        with a calibration.json only those predicted to finish by `deadline` start."""
+        wanted = {t.key.split("/", 1)[1] for t in tasks}
+        planned = [(r, os.path.join(self.out, "degradation", r.name)) for r in self.degradation_runs()
+                   if r.name in wanted]
+        calibration = self.calibration()
+        try:
+            outcome = runs.train_all(
+                planned, concurrent=self.concurrent, log=lambda line: print(f"[degradation] {line}", flush=True),
+                budget_s=max(deadline - time.time(), 1) if calibration else 0, calibration=calibration,
+                logs_dir=os.path.join(self.out, "logs"), cache_dir=os.path.join(self.out, "jax_cache"),
+                grace_s=self.grace_s, cwd=ROOT, in_process=False, deadline=deadline,
+                stop_when=lambda: self.stop_signal is not None)
+        except Preempted:  # stopped by a signal: what finished is kept below
+            outcome = runs.Outcome(done={r.name: d for r, w in planned
+                                         if (d := records.existing(r, w, log=lambda _: None))},
+                                   left={r.name: "stopped by a signal" for r, w in planned})
+        out = {}
+        for run, workdir in planned:
+            if run.name in outcome.done and not outcome.done[run.name].get("failed"):
+                out[run.name] = {**outcome.done[run.name], "code": 0, "stopped": False,
+                                 "checkpoint_step": checkpoint_step(workdir), "log": f"logs/{run.name}.log",
+                                 "seconds": outcome.done[run.name].get("seconds", 0)}
+            else:
+                step, results = runs.last_evaluation(workdir) if os.path.isdir(workdir) else (0, {})
+                why = outcome.left.get(run.name) or (outcome.done.get(run.name) or {}).get("failed", "not run")
+                out[run.name] = {"name": run.name, "step": step, "total_steps": run.config().train.total_steps,
+                                 "results": results, "command": run.command(workdir), "code": PREEMPTED_EXIT,
+                                 "stopped": True, "left": why, "checkpoint_step": checkpoint_step(workdir),
+                                 "log": f"logs/{run.name}.log", "seconds": 0}
+        out["_concurrency"] = {"concurrent": outcome.concurrency, "mps": outcome.mps}
+        return out
 
     # -----------------------------------------------------------------------------------
     # The plan and the loop.
@@ -340,13 +360,15 @@ class Suite:
         tasks = []
         benches = self.benches()
         quick = 3.0 if self.tiny else None
+        if "calibrate" in parts:
+            tasks.append(Task("calibrate", "calibrate", quick or 60, lambda t, d: self.calibrate(d)))
         if "bench" in parts:
             for b in benches:
                 tasks.append(Task(f"bench/{b.key}/resnet_jax", "bench", quick or (60 if b.image_size > 32 else 40),
                                   lambda t, d, b=b: self.bench_ours(b, d, t.key)))
                 tasks.append(Task(f"bench/{b.key}/flax_reference", "bench", quick or 40,
                                   lambda t, d, b=b: self.bench_reference(b, "jax", d, t.key)))
-            if torch_gpu and FLAGS.torch:
+            if torch_gpu and self.torch:
                 for b in benches:
                     tasks.append(Task(f"bench/{b.key}/torch", "bench", quick or 40,
                                       lambda t, d, b=b: self.bench_reference(b, "torch", d, t.key)))
@@ -364,11 +386,21 @@ class Suite:
                                   lambda t, d, run=run, w=workdir: self.train_run(run, w, t.key, d), training=True))
         return tasks
 
+    def calibrate(self, deadline: float) -> dict:
+        start = time.time()
+        result = calibration_lib.calibrate(self.out, self.tiny, deadline,
+                                           log=lambda line: print(f"[calibrate] {line}", flush=True), cwd=ROOT)
+        best = runs.Calibration.load(os.path.join(self.out, "calibration.json")).best_concurrency(
+            calibration_lib.Sizes.of(self.tiny).models)
+        return {"code": 0, "seconds": time.time() - start, "stopped": False, "log": "calibration.json",
+                "startup_s": result["startup_s"], "mps_works": result["mps"]["works"],
+                "best_concurrency": best[0], "best_with_mps": best[1]}
+
     def benches(self) -> tuple[Bench, ...]:
-        return selected_benches(self.tiny)
+        return self.benches_chosen
 
     def dispatch_values(self) -> list[int]:
-        return dispatch_values(self.tiny)
+        return self.dispatch_chosen
 
     def is_done(self, task: Task) -> bool:
         record = self.results["tasks"].get(task.key)
@@ -379,6 +411,7 @@ class Suite:
         previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             machine = self.probe()
+            self.machine = machine
             self.results["machine"] = machine
             self.invocation["machine"] = machine
             print(f"device suite: {machine['device_count']} x {machine['device_kind']} ({machine['backend']}), "
@@ -386,10 +419,16 @@ class Suite:
                   f"{self.budget_s:.0f} s; out {self.out}", flush=True)
             if not self.tiny and machine["backend"] == "cpu":
                 print("note: no accelerator here: the numbers are CPU numbers (use --tiny for a smoke run)", flush=True)
-            self.results["reference"] = {"path": self.reference, "torch_gpu": machine.get("torch_gpu")}
+            shown = os.path.relpath(self.reference, ROOT) if self.reference.startswith(ROOT + os.sep) else self.reference
+            self.results["reference"] = {"path": shown, "torch_gpu": machine.get("torch_gpu")}
             left = []
-            for task in self.tasks(parts, machine.get("torch_gpu")):
+            tasks = self.tasks(parts, machine.get("torch_gpu"))
+            batch = None  # the degradation runs: trained together, up to --concurrent at once
+            for task in tasks:
                 if self.is_done(task):
+                    continue
+                if task.part == "degradation" and batch is not None:
+                    self._record(task, batch[task.key.split("/", 1)[1]], left)
                     continue
                 if task.part in ("e2e", "degradation") and not self.tiny and not self.data:
                     left.append(task.key)  # no CIFAR-10 here yet
@@ -401,21 +440,30 @@ class Suite:
                     self.invocation["not_started"].append(task.key)
                     continue
                 print(f"[{task.key}] starting ({remaining:.0f} s of budget left)", flush=True)
-                record = task.run(task, self.deadline - self.margin_s)
-                record["date"] = self.invocation["date"]
-                self.results["tasks"][task.key] = record
-                state = ("done" if record.get("code") == 0 else
-                         "stopped by the budget" if record.get("stopped") else f"failed (exit {record.get('code')})")
-                print(f"[{task.key}] {state} in {record.get('seconds', 0):.1f} s: {brief(record)}; log "
-                      f"{record.get('log')}", flush=True)
-                (self.invocation["finished"] if record.get("code") == 0 else self.invocation["stopped"]).append(task.key)
-                if record.get("code") != 0:
-                    left.append(task.key)
-                self.save()
+                if task.part == "degradation":
+                    batch = self.degradation([t for t in tasks if t.part == "degradation" and not self.is_done(t)],
+                                             self.deadline - self.margin_s)
+                    self.results["degradation_sharing"] = batch.pop("_concurrency")
+                    self._record(task, batch[task.key.split("/", 1)[1]], left)
+                    continue
+                self._record(task, task.run(task, self.deadline - self.margin_s), left)
             return left
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _record(self, task: Task, record: dict, left: list[str]) -> None:
+        """Keeps `task`'s record, says how it went, saves results.json."""
+        record["date"] = self.invocation["date"]
+        self.results["tasks"][task.key] = record
+        state = ("done" if record.get("code") == 0 else
+                 "stopped by the budget" if record.get("stopped") else f"failed (exit {record.get('code')})")
+        print(f"[{task.key}] {state} in {record.get('seconds', 0):.1f} s: {brief(record)}; log "
+              f"{record.get('log')}", flush=True)
+        (self.invocation["finished"] if record.get("code") == 0 else self.invocation["stopped"]).append(task.key)
+        if record.get("code") != 0:
+            left.append(task.key)
+        self.save()
 
     def save(self) -> None:
         runs.write_json(self.path, self.results)
@@ -435,7 +483,7 @@ class Suite:
         write_summary(os.path.join(self.out, "summary.md"), self.results)
 
     def degradation_summary(self) -> dict | None:
-        from experiments import degradation
+        from . import degradation
 
         rows = []
         for run in self.degradation_runs():
@@ -451,25 +499,25 @@ class Suite:
         return {"rows": rows, "findings": degradation.findings(rows, rows[0]["headline_split"]) if complete else []}
 
 
-def selected_benches(tiny: bool) -> tuple[Bench, ...]:
+def selected_benches(tiny: bool, keys: Sequence[str] | None) -> tuple[Bench, ...]:
     """--bench's configurations (all by default; --tiny: the tiny one)."""
     if tiny:
         return TINY_BENCHES
-    if not FLAGS.bench:
+    if not keys:
         return BENCHES
     known = {b.key: b for b in BENCHES}
-    unknown = [k for k in FLAGS.bench if k not in known]
+    unknown = [k for k in keys if k not in known]
     if unknown:
         raise UserError(f"--bench: unknown configuration {unknown[0]!r}; choose from {', '.join(known)}")
-    return tuple(known[k] for k in FLAGS.bench)
+    return tuple(known[k] for k in keys)
 
 
-def dispatch_values(tiny: bool) -> list[int]:
+def dispatch_values(tiny: bool, items: Sequence[str]) -> list[int]:
     """--e2e_dispatch as numbers (0: auto, resolved by the trainer)."""
     if tiny:
         return [1]
     values = []
-    for item in FLAGS.e2e_dispatch:
+    for item in items:
         if not item.strip().isdigit():
             raise UserError(f"--e2e_dispatch: {item!r} is not a number of steps (0: auto)")
         values.append(int(item))
@@ -577,7 +625,14 @@ def write_summary(path: str, results: dict) -> None:
     if not results["e2e"]:
         out.append("| not yet measured | | | | | | |")
     degradation = results.get("degradation")
-    out += ["", "## Degradation (`gpu` schedule of configs/cifar.py)" if not results.get("tiny")
+    calibration = (results.get("tasks") or {}).get("calibrate")
+    if calibration and calibration.get("code") == 0:
+        out += ["## Calibration", "", f"`calibration.json`: start-up {_num(calibration.get('startup_s'), '.1f')} s; "
+                f"CUDA MPS works: {calibration.get('mps_works')}; best sharing for the degradation runs: "
+                f"{calibration.get('best_concurrency')} at once" + (" under MPS" if calibration.get("best_with_mps")
+                                                                    else "") + ".", ""]
+    sharing = results.get("degradation_sharing")
+    out += ["", "## Degradation (`gpu_paper` schedule of configs/cifar.py)" if not results.get("tiny")
             else "## Degradation (tiny: smoke schedule)", ""]
     if degradation:
         splits = degradation["rows"][0]["eval_splits"]
@@ -589,11 +644,13 @@ def write_summary(path: str, results: dict) -> None:
                      runs.pct(r["train_error"])] + [runs.pct(r.get(f"{s}_error")) for s in splits]
             out.append("| " + " | ".join(cells + [f"{r.get('minutes') or 0:.1f}", f"`{r['command']}`"]) + " |")
         out += ["", *(degradation["findings"] or ["- Findings once all four runs have finished."])]
+        if sharing:
+            out += ["", f"Runs at once: {sharing['concurrent']}" + (" under CUDA MPS." if sharing["mps"] else ".")]
     else:
         out.append("not yet measured")
     left = results.get("left") or []
-    asked = last.get("parts") or list(PARTS)
-    others = [p for p in PARTS if p not in asked]
+    asked = last.get("parts") or list(DEFAULT_PARTS)
+    others = [p for p in DEFAULT_PARTS if p not in asked]  # calibrate is asked for by name
     done = (f"Nothing of the parts asked ({', '.join(asked)})" + (f"; not asked: {', '.join(others)}" if others else
                                                                  ": every part finished") + ".")
     out += ["", "## Left", "", ("- " + "\n- ".join(left) + f"\n\nRun the same command again to continue: "
@@ -606,10 +663,6 @@ def write_summary(path: str, results: dict) -> None:
 # Entry point.
 
 
-def _first_file(paths: Sequence[str]) -> str:
-    return next((os.path.abspath(p) for p in paths if os.path.isfile(p)), "")
-
-
 def run(argv: Sequence[str]) -> int:
     if not FLAGS.out:
         raise UserError("--out is required")
@@ -617,24 +670,28 @@ def run(argv: Sequence[str]) -> int:
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise UserError(f"--parts: unknown part {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(PARTS)}")
-    reference = FLAGS.reference or _first_file(REFERENCE_PATHS)
+    reference = os.path.abspath(os.path.expanduser(FLAGS.reference)) if FLAGS.reference else REFERENCE
     if "bench" in parts and not os.path.isfile(reference):
-        raise UserError(f"--reference: no reference benchmark at {reference or ' or '.join(REFERENCE_PATHS)} "
-                        "(on the device machine: bash ../shared/gpu/stage.sh here, and carry .gpu/bench)")
+        raise UserError(f"--reference: file not found: {reference}")
     data = ""
     if not FLAGS.tiny and ({"e2e", "degradation"} & set(parts)):
         data = FLAGS.data and os.path.abspath(os.path.expanduser(FLAGS.data))
         if FLAGS.data and not os.path.isfile(data):
             raise UserError(f"--data: file not found: {data}")
-        data = data or _first_file(DATA_PATHS)
-        if not data:  # the device machine before all four parts arrived: bench alone still runs
-            print(f"note: no CIFAR-10 .npz (looked in {', '.join(DATA_PATHS)}; --data=PATH): e2e and "
+        if not data:  # bench alone still runs
+            print("note: no --data=CIFAR10.npz (python -m resnet_jax.data.cifar_npz makes one): e2e and "
                   "degradation are left for later", flush=True)
-    selected_benches(FLAGS.tiny), dispatch_values(FLAGS.tiny)  # bad --bench / --e2e_dispatch: before anything
+    # Bad --bench / --e2e_dispatch / --concurrent / calibration.json: before anything runs.
+    benches, dispatch = selected_benches(FLAGS.tiny, FLAGS.bench), dispatch_values(FLAGS.tiny, FLAGS.e2e_dispatch)
+    concurrent = runs.parse_concurrent(FLAGS.concurrent)
+    if FLAGS.calibration:
+        runs.Calibration.load(FLAGS.calibration)
     out = os.path.abspath(os.path.expanduser(FLAGS.out))
     # The data path is not part of the identity: the same folder continues on another machine.
     runs.check_experiment(out, {"experiment": "device_suite", "tiny": FLAGS.tiny})
-    suite = Suite(out, FLAGS.tiny, FLAGS.budget_s, os.path.abspath(reference) if reference else "", data, argv)
+    suite = Suite(out, FLAGS.tiny, FLAGS.budget_s, os.path.abspath(reference) if reference else "", data, argv,
+                  benches=benches, dispatch=dispatch, torch=FLAGS.torch, concurrent=concurrent,
+                  calibration_path=os.path.abspath(FLAGS.calibration) if FLAGS.calibration else "")
     left = suite.run(parts)
     suite.finish(parts, left)
     print(f"wrote {out}/results.json and {out}/summary.md ({time.time() - suite.start:.0f} s)", flush=True)
@@ -651,6 +708,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.parse_flags(FLAGS, argv, __doc__)
         code = run(argv)
     sys.exit(code)
+
+
+def checkpoint_step(workdir: str) -> int | None:
+    """The newest saved step in `workdir` (None: none)."""
+    return max(records.saved_steps(workdir), default=None)
 
 
 if __name__ == "__main__":

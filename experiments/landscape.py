@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from experiments import analysis_common as common
+from . import analysis_common as common
 from resnet_jax.errors import UserError
 
 FLAGS = flags.FlagValues()  # the module's own: the analyses can share a process (tests)
@@ -263,14 +263,14 @@ def run(argv: list[str]) -> int:
 
 def write_outputs(runs: list[dict], coords: np.ndarray, out: str, *, dims: int, zmax: float) -> dict:
     """The PNGs: landscape_2d.png (dims=2) and landscape_1d.png (always)."""
-    from resnet_jax import figures
+    from . import plots  # matplotlib: only once there is something to draw
 
     files = {}
     if dims == 2:
         files["surface"] = "landscape_2d.png"
-        figures.landscape_2d_png(runs, coords, os.path.join(out, files["surface"]), zmax=zmax)
+        plots.landscape_2d_png(runs, coords, os.path.join(out, files["surface"]), zmax=zmax)
     files["slice"] = "landscape_1d.png"
-    figures.landscape_1d_png(runs, coords, os.path.join(out, files["slice"]), zmax=zmax)
+    plots.landscape_1d_png(runs, coords, os.path.join(out, files["slice"]), zmax=zmax)
     return files
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from experiments import analysis_common as common
+from . import analysis_common as common
 from resnet_jax.errors import UserError
 
 FLAGS = flags.FlagValues()  # the module's own: the analyses can share a process (tests)
@@ -143,11 +143,11 @@ def run(argv: list[str]) -> int:
               f"{result['seconds']:.1f} s", flush=True)
         runs.append(result)
 
-    from resnet_jax import figures
+    from . import plots  # matplotlib: only once there is something to draw
 
     out = os.path.expanduser(FLAGS.out)
     os.makedirs(out, exist_ok=True)
-    figures.lesion_png(runs, os.path.join(out, "lesion.png"))
+    plots.lesion_png(runs, os.path.join(out, "lesion.png"))
     summary = {
         "command": " ".join(["python -m experiments.lesion", *argv[1:]]),
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

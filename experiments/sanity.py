@@ -1,7 +1,6 @@
 """The checks to run on a new variant before a long run, one line each, exit 1 if any fails.
 
-    python -m experiments.sanity --config=configs/cifar.py:resnet20 \\
-        --config.data.source=npz --config.data.path=../shared/data/cifar10/cifar10.npz
+    python -m experiments.sanity --config=cifar:resnet20,npz --config.data.path=cifar10.npz
 
 The config is given exactly as to resnet_jax.main (a file with its variant, plus
 --config.x=y overrides). On the first --examples (64) images of the training split,
@@ -39,7 +38,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import analysis_common as common
+from . import analysis_common as common
 from resnet_jax import config as config_lib
 from resnet_jax import optim, steps
 from resnet_jax.data import device as device_data

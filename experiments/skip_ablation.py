@@ -2,7 +2,7 @@
 
     python -m experiments.skip_ablation --workdir=runs/ablation                   # paper
     python -m experiments.skip_ablation --workdir=runs/ablation_short --schedule=short \\
-        --data=npz:../shared/data/cifar10/cifar10.npz
+        --data=npz:cifar10.npz     # python -m resnet_jax.data.cifar_npz makes it
     python -m experiments.skip_ablation --workdir=/tmp/abl --schedule=smoke --study=gradient_flow
 
 Studies (--study, comma separated; all by default). The trained ones are ResNet-`--depth` runs
@@ -24,6 +24,10 @@ one workdir each; finished runs are skipped and interrupted ones resume:
                  the conv's output, in train mode (batch statistics), for plain and residual
                  nets of --grad_depths.
 
+--concurrent=K|auto, --calibration, --budget_s and --records share the machine and keep records as
+in experiments.degradation (experiments.runs.train_all): up to K runs at once, whole runs only
+within the budget, finished runs' records copied out and skipped next time.
+
 The baseline run (shortcut A, zero-init off, sync BN on this process's devices) is shared by
 the shortcut and zero_init studies. Outputs in WORKDIR: table.md, results.json (one row per
 run), shortcut.png / zero_init.png / bn.png (training and test error curves per variant),
@@ -43,14 +47,14 @@ from typing import Any
 
 from absl import flags
 
-from experiments import runs
+from . import runs
 from resnet_jax import cli
-from resnet_jax.errors import UserError
+from resnet_jax.errors import PREEMPTED_EXIT, UserError
 
 STUDIES = ("shortcut", "zero_init", "bn", "gradient_flow")
-DEFAULT_DEPTH = {"paper": 56, "gpu": 56, "short": 20, "smoke": 8}  # depth of the trained studies
-DEFAULT_GRAD_DEPTHS = {"paper": (20, 56, 110), "gpu": (20, 56, 110), "short": (20, 56, 110), "smoke": (8, 14)}
-DEFAULT_GRAD_BATCH = {"paper": 128, "gpu": 128, "short": 128, "smoke": 16}
+DEFAULT_DEPTH = {"paper": 56, "gpu_paper": 56, "gpu": 56, "short": 20, "smoke": 8}  # depth of the trained studies
+DEFAULT_GRAD_DEPTHS = {"paper": (20, 56, 110), "gpu_paper": (20, 56, 110), "gpu": (20, 56, 110), "short": (20, 56, 110), "smoke": (8, 14)}
+DEFAULT_GRAD_BATCH = {"paper": 128, "gpu_paper": 128, "gpu": 128, "short": 128, "smoke": 16}
 
 # Run variants: workdir suffix -> config overrides (--config.x=y in each run's command).
 VARIANTS = {
@@ -106,7 +110,7 @@ def probe_batch(data=None, batch: int = 128):
     """`batch` normalised training images and labels, as the trainer normalises them: the
     first images of `data.train_split` (a config's data section; None: random 32x32 images).
     Returns (float32 [B,H,W,C], int32 [B])."""
-    from experiments import analysis_common
+    from . import analysis_common
 
     if data is None:
         data = runs.make_run("probe", "resnet20,synthetic").config().data
@@ -164,7 +168,7 @@ def gradient_flow(depths: Sequence[int] = (20, 56, 110), batch: int = 128, data=
                   kinds: Sequence[str] = ("plain", "resnet")) -> list[dict]:
     """`gradient_profile` of plain and residual CIFAR nets of every depth, on one batch of
     `data` (see `probe_batch`), the same initialisation seed for every net; plotted by
-    `figures.gradient_flow_png`."""
+    `plots.gradient_flow_png`."""
     images, labels = probe_batch(data, batch)
     return [gradient_profile(f"{kind}{depth}", images, labels, seed) for depth in depths for kind in kinds]
 
@@ -224,7 +228,7 @@ def bn_devices_plan(requested: int) -> tuple[int, str]:
 
 
 def plan(studies: Sequence[str], schedule: str, depth: int, seeds: int, data: str | None,
-         bn_devices: int) -> list[runs.Run]:
+         bn_devices: int) -> list[runs.RunSpec]:
     """The runs of the trained studies, without duplicates (the shared baseline)."""
     source, data_overrides = runs.parse_data(data)
     variant = f"resnet{depth},{schedule}" + (f",{source}" if source else "")
@@ -278,33 +282,56 @@ def study_section(study: str, variants: list[tuple[str, list[dict]]], headline: 
     return out + [""] + lines + [""]
 
 
-def run_ablation(argv: Sequence[str], log: Callable[[str], None] = print) -> list[dict]:
-    """Trains what is missing, probes gradient flow, then writes table.md, results.json, PNGs."""
-    schedule, seeds, studies = FLAGS.schedule, FLAGS.seeds, [s.strip() for s in FLAGS.study if s.strip()]
+def run_ablation(workdir: str, *, schedule: str = "paper", studies: Sequence[str] = STUDIES, seeds: int = 1,
+                 data: str | None = None, depth: int | None = None, grad_depths: Sequence[int] | None = None,
+                 grad_batch: int | None = None, bn_devices: int = 2, concurrent: int | str = 1,
+                 calibration: str = "", budget_s: float = 0, records: Sequence[str] = (),
+                 command: str = "python -m experiments.skip_ablation",
+                 log: Callable[[str], None] = print) -> tuple[list[dict], dict[str, str]]:
+    """Trains what is missing, probes gradient flow, then writes table.md, results.json, PNGs.
+
+    Args:
+      workdir: the experiment's folder (one workdir per run inside).
+      schedule, studies, seeds, data, depth, grad_depths, grad_batch, bn_devices: see the flags.
+      concurrent, calibration, budget_s, records: how the runs share the machine and where
+        earlier records are (experiments.runs.train_all).
+      command: how it was launched, for table.md.
+      log: where progress lines go.
+
+    Returns:
+      (rows of results.json, {run name: why it is left for the next invocation}).
+    """
+    studies = [s.strip() for s in studies if s.strip()]
     unknown = [s for s in studies if s not in STUDIES]
     if unknown or not studies:
         raise UserError(f"--study: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(STUDIES)}")
-    depth = runs.parse_depths([FLAGS.depth] if FLAGS.depth else None, [DEFAULT_DEPTH[schedule]], "--depth")[0]
-    grad_depths = runs.parse_depths(FLAGS.grad_depths, DEFAULT_GRAD_DEPTHS[schedule], "--grad_depths")
-    grad_batch = FLAGS.grad_batch or DEFAULT_GRAD_BATCH[schedule]
-    runs.parse_data(FLAGS.data)  # a bad --data fails here, before JAX loads
-    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-    runs.check_experiment(workdir, {"experiment": "skip_ablation", "schedule": schedule, "data": FLAGS.data or ""})
+    depth = runs.parse_depths([depth] if depth else None, [DEFAULT_DEPTH[schedule]], "--depth")[0]
+    grad_depths = runs.parse_depths([str(d) for d in grad_depths] if grad_depths else None,
+                                    DEFAULT_GRAD_DEPTHS[schedule], "--grad_depths")
+    grad_batch = grad_batch or DEFAULT_GRAD_BATCH[schedule]
+    runs.parse_data(data)  # a bad --data fails here, before JAX loads
+    concurrent, calibrated = runs.sharing(str(concurrent), calibration, budget_s)
+    records = runs.parse_records(records)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    runs.check_experiment(workdir, {"experiment": "skip_ablation", "schedule": schedule, "data": data or ""})
     started, start = datetime.datetime.now().isoformat(timespec="seconds"), time.time()
-    machine_line = runs.machine()
+    machine_line = runs.machine_line(in_process=concurrent == 1)
     log(f"skip_ablation: studies {studies}, {schedule} schedule, ResNet-{depth}, {seeds} seed(s), "
-        f"data {FLAGS.data or 'default'}; {machine_line}")
+        f"data {data or 'default'}; {machine_line}")
     trained = [s for s in studies if s in STUDY_VARIANTS]
-    bn_devices, bn_note = bn_devices_plan(FLAGS.bn_devices) if "bn" in trained else (0, None)
-    planned = plan([s for s in trained if s != "bn" or bn_devices], schedule, depth, seeds, FLAGS.data, bn_devices)
+    bn_devices, bn_note = bn_devices_plan(bn_devices) if "bn" in trained else (0, None)
+    planned = plan([s for s in trained if s != "bn" or bn_devices], schedule, depth, seeds, data, bn_devices)
+    outcome = runs.train_all([(run, os.path.join(workdir, run.name)) for run in planned], concurrent=concurrent,
+                             log=log, records_in=records, records_out=records[0] if records else None,
+                             budget_s=budget_s, calibration=calibrated)
     rows = []
-    for index, run in enumerate(planned, 1):
+    for run in [r for r in planned if r.name in outcome.done]:
         run_dir = os.path.join(workdir, run.name)
-        done = runs.run_or_skip(run, run_dir, lambda line: log(f"[{index}/{len(planned)}] {line}"))
+        done = outcome.done[run.name]
         model_overrides = {k.split(".", 1)[1]: v for k, v in run.overrides if k.startswith("model.") and k != "model.bn_sync"}
         rows.append({**runs.result_row(run, done, run_dir), "params": param_count(f"resnet{depth}", **model_overrides)})
 
-    from resnet_jax import figures
+    from . import plots  # matplotlib: only once there is something to draw
 
     headline = rows[0]["headline_split"] if rows else "test"
     sections = []
@@ -314,19 +341,20 @@ def run_ablation(argv: Sequence[str], log: Callable[[str], None] = print) -> lis
             continue
         variants = [(label, [r for r in rows if r["variant_name"] == name and study in r["studies"]])
                     for label, name in STUDY_VARIANTS[study]]
-        figures.study_png([(label, runs.figure_runs(group) if group else []) for label, group in variants],
+        plots.study_png([(label, runs.figure_runs(group) if group else []) for label, group in variants],
                           os.path.join(workdir, f"{study}.png"), eval_name=headline,
                           title=f"{study}: ResNet-{depth} on CIFAR-10 ({schedule} schedule)")
         sections += study_section(study, variants, headline, bn_note if study == "bn" else None)
     if "gradient_flow" in studies:
-        sections += gradient_flow_section(workdir, schedule, grad_depths, grad_batch, log)
+        sections += gradient_flow_section(workdir, schedule, grad_depths, grad_batch, data, log)
     minutes = (time.time() - start) / 60
     head = ["# Skip-connection ablations on CIFAR-10", "",
             f"- Schedule: `{schedule}` (configs/cifar.py; `resnet-jax configs` describes it); data "
-            f"`{FLAGS.data or 'the schedule default'}`; trained studies: ResNet-{depth}, {seeds} seed(s).",
+            f"`{data or 'the schedule default'}`; trained studies: ResNet-{depth}, {seeds} seed(s).",
             f"- Date: {started}; wall time of this invocation {minutes:.1f} min.",
             *([f"- Training: {runs.training_summary(rows)}."] if rows else []),
-            f"- Machine: {machine_line}.", f"- Command: `{runs.command_line('experiments.skip_ablation', argv)}`", "",
+            f"- Machine: {machine_line}.", f"- Command: `{command}`", "",
+            *([f"- Not yet run (the same command continues): {', '.join(outcome.left)}.", ""] if outcome.left else []),
             "Training error: running error on the augmented batches over the last 10 % of the steps; "
             f"{headline} error: the final model. Mean ± std over seeds. Noise: two binomial standard errors of "
             "the difference (plus the seeds' spread). Each run's command: `## Commands` below.", ""]
@@ -334,20 +362,20 @@ def run_ablation(argv: Sequence[str], log: Callable[[str], None] = print) -> lis
         f.write("\n".join(head + sections + (runs.commands_section(rows) if rows else [])))
     runs.save_results(os.path.join(workdir, "results.json"), rows)
     log(f"wrote {workdir}/table.md, results.json and figures ({minutes:.1f} min)")
-    return rows
+    return rows, outcome.left
 
 
-def gradient_flow_section(workdir: str, schedule: str, depths: list[int], batch: int,
+def gradient_flow_section(workdir: str, schedule: str, depths: list[int], batch: int, data_flag: str | None,
                           log: Callable[[str], None]) -> list[str]:
     """Probes, draws gradient_flow.png, writes gradient_flow.json; returns the markdown."""
-    from resnet_jax import figures
+    from . import plots  # matplotlib: only once there is something to draw
 
-    source, overrides = runs.parse_data(FLAGS.data)
+    source, overrides = runs.parse_data(data_flag)
     data = runs.make_run("probe", f"resnet20,{schedule}" + (f",{source}" if source else ""), overrides).config().data
     what = f"{'random' if data.source == 'synthetic' else data.name + ' training'} images ({data.source})"
     log(f"gradient flow at initialisation: depths {depths}, batch of {batch} {what}")
     profiles = gradient_flow(depths, batch, data)
-    figures.gradient_flow_png(profiles, os.path.join(workdir, "gradient_flow.png"),
+    plots.gradient_flow_png(profiles, os.path.join(workdir, "gradient_flow.png"),
                               title=f"gradient flow at initialisation (batch of {batch} {what}, train-mode BN)")
     runs.write_json(os.path.join(workdir, "gradient_flow.json"), profiles)
     return ["## gradient_flow", "",
@@ -362,7 +390,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.parse_flags(FLAGS, argv, __doc__)
         if not FLAGS.workdir:
             raise UserError("--workdir is required")
-        run_ablation(argv, log=lambda line: print(line, flush=True))
+        _, left = run_ablation(
+            FLAGS.workdir, schedule=FLAGS.schedule, studies=FLAGS.study, seeds=FLAGS.seeds, data=FLAGS.data,
+            depth=FLAGS.depth, grad_depths=FLAGS.grad_depths, grad_batch=FLAGS.grad_batch, bn_devices=FLAGS.bn_devices,
+            concurrent=FLAGS.concurrent, calibration=FLAGS.calibration, budget_s=FLAGS.budget_s,
+            records=FLAGS.records or (), command=runs.command_line("experiments.skip_ablation", argv),
+            log=lambda line: print(line, flush=True))
+    if left:
+        print(f"left for the next invocation: {', '.join(left)}; run the same command again to continue", flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ a `flags.FlagValues()` of its own (so several can be imported in one process) an
 
 `--help` prints the module docstring (what the program does and an example command) and the
 program's own flags. Config flags accept recipe names (`cifar:resnet56`, `imagenet:resnet50`,
-`digits`) that resolve to the installed `configs` package from any directory, beside file
-paths.
+`digits`) that resolve to the installed `resnet_jax.configs` package (the repository's
+`configs/`) from any directory, beside file paths.
 """
 
 from __future__ import annotations
@@ -143,9 +143,12 @@ def _flag_error(error: Exception) -> str:
 # Config names.
 
 
+CONFIGS_PACKAGE = "resnet_jax.configs"  # configs/ in the repository, installed inside the package
+
+
 def config_dir() -> str:
-    """The installed `configs` package's folder."""
-    return os.path.dirname(importlib.import_module("configs").__file__)
+    """The installed recipes' folder (resnet_jax.configs)."""
+    return os.path.dirname(importlib.import_module(CONFIGS_PACKAGE).__file__)
 
 
 def recipe_names() -> list[str]:
@@ -216,7 +219,7 @@ def describe_configs() -> str:
     """`resnet-jax configs`: each recipe's one-line description, command and variants."""
     out = []
     for name in recipe_names():
-        module = importlib.import_module(f"configs.{name}")
+        module = importlib.import_module(f"{CONFIGS_PACKAGE}.{name}")
         doc = (module.__doc__ or "").strip().splitlines()
         command = next((line.strip() for line in doc if line.strip().startswith("python -m")), "")
         out += [f"{name}: {doc[0] if doc else ''}"]

@@ -56,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
     data.num_classes = 10
     data.image_size = 32
     data.train_split = "train"
-    # name=split pairs, comma separated; TFDS slicing works for every source.
+    # name=split pairs, comma separated; TFDS slicing works for every source. A split written
+    # name=split? is evaluated only where the data has it (an .npz without it skips it).
     data.eval_splits = "test=test"
     data.pipeline = "device"  # device: whole dataset on the accelerator; stream: grain workers
     data.crop_padding = 4  # zero pad + random crop back to image_size; 0 = off
@@ -134,14 +135,23 @@ def _positive(value, field):
 
 
 def parse_splits(spec: str) -> dict[str, str]:
-    """"val=train[45000:],test=test" -> {"val": "train[45000:]", "test": "test"}."""
+    """"val=train[45000:],test=test,exact=test_exact?" -> {"val": "train[45000:]", "test": "test",
+    "exact": "test_exact"} (a trailing "?" marks a split optional: see `optional_splits`)."""
     splits = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, sep, split = item.partition("=")
-        if not sep or not name or not split:
-            raise UserError(f"data.eval_splits item {item!r} is not name=split")
-        splits[name.strip()] = split.strip()
+        split = split.strip().removesuffix("?").strip()
+        if not sep or not name.strip() or not split:
+            raise UserError(f"data.eval_splits item {item!r} is not name=split (or name=split? where optional)")
+        splits[name.strip()] = split
     return splits
+
+
+def optional_splits(spec: str) -> set[str]:
+    """The names in data.eval_splits written "name=split?": evaluated only where the data has
+    that split (an .npz without `test_exact`, say), instead of an unknown-split error."""
+    return {item.partition("=")[0].strip() for item in filter(None, (s.strip() for s in spec.split(",")))
+            if item.endswith("?")}
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -11,7 +11,11 @@ Running the same command again resumes from the workdir's latest checkpoint. Mul
 TPU pod, where JAX finds its peers itself.
 """
 
+import ast
+import importlib
+import importlib.util
 import os
+import pkgutil
 import sys
 
 import jax
@@ -61,16 +65,47 @@ def main(argv=None) -> None:
         train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
 
 
+EXPERIMENTS_PACKAGE = "resnet_jax.experiments"  # experiments/ in the repository
+
+
+def experiments() -> dict[str, str]:
+    """The experiments a `resnet-jax` sub-command runs: every module of resnet_jax.experiments
+    that is a program (it has a `__main__` block and a `main(argv)`), name -> the first line of
+    its docstring. Found by reading the files, without importing them (they import JAX)."""
+    try:
+        spec = importlib.util.find_spec(EXPERIMENTS_PACKAGE)
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    found = {}
+    for module in sorted(pkgutil.iter_modules(spec.submodule_search_locations), key=lambda m: m.name):
+        path = os.path.join(module.module_finder.path, module.name + ".py")
+        if module.ispkg or module.name.startswith("_") or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        is_program = any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+        has_main = any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
+        if is_program and has_main:
+            found[module.name] = " ".join((ast.get_docstring(tree) or "").strip().split("\n\n")[0].split())
+    return found
+
+
 def usage() -> str:
-    """What `resnet-jax` alone prints: its sub-commands."""
-    width = max(map(len, COMMANDS))
+    """What `resnet-jax` alone prints: its sub-commands, then the experiments'."""
+    found = experiments()
+    width = max(map(len, [*COMMANDS, *found]))
     lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    more = [f"  {name:<{width}}  {what}" for name, what in found.items()]
     return ("usage: resnet-jax COMMAND [flags]   (`resnet-jax COMMAND --help` for its flags)\n\ncommands:\n"
-            + "\n".join(lines) + "\n\nexample: resnet-jax train --config=cifar:resnet20 --workdir=runs/r20\n")
+            + "\n".join(lines) + ("\n\nexperiments:\n" + "\n".join(more) if more else "")
+            + "\n\nexample: resnet-jax train --config=cifar:resnet20 --workdir=runs/r20\n")
 
 
 def cli() -> None:
-    """The `resnet-jax` console script: `resnet-jax COMMAND ...`: train (the default when flags come first), evaluate, configs, convert."""
+    """The `resnet-jax` console script: `resnet-jax COMMAND ...`: train (the default when flags
+    come first), evaluate, configs, convert, or an experiment (degradation, skip_ablation, ...)."""
     args = sys.argv[1:]
     if not args:
         cli_lib.show(usage())
@@ -89,7 +124,12 @@ def cli() -> None:
         return
     if command == "convert":
         return convert.main([program, *args])
-    cli_lib.fail(f"unknown command {command!r}; use {', '.join(COMMANDS)}")
+    found = experiments()
+    if command.replace("-", "_") in found:
+        module = importlib.import_module(f"{EXPERIMENTS_PACKAGE}.{command.replace('-', '_')}")
+        return module.main([program, *args])
+    known = list(COMMANDS) + list(found)
+    cli_lib.fail(f"unknown command {command!r}; use {', '.join(known)}")
 
 
 if __name__ == "__main__":

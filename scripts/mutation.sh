@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing (issue 19): mutmut over the modules setup.cfg's [mutmut] section mutates,
+# Mutation testing: mutmut over the modules setup.cfg's [mutmut] section mutates,
 # against its fast in-process tests. Runs in a temporary copy of the working tree, so the
 # repository never holds mutated code or mutmut's `mutants/` directory.
 #

@@ -1,10 +1,12 @@
-"""The benchmark's smoke test (issue 7): it runs and prints a row with a positive rate.
-A smoke test, not a speed assertion: speed targets live in the README's table."""
+"""The benchmark and its plain reference step: each runs and prints a row with a positive
+rate. Smoke tests, not speed assertions: speed targets live in the README's table."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from helpers import ROOT
 
@@ -67,3 +69,38 @@ def test_flops_come_from_the_lowered_program():
     assert _flops(Stage([{"flops": 226e6}]), Stage({"flops": 6.5e6})) == 226e6  # older jax: a list
     assert _flops(Stage(NotImplementedError()), Stage({"flops": 6.5e6})) == 6.5e6
     assert _flops(None, None) == 0.0
+
+
+def test_reference_flax_step_runs_as_the_device_suite_runs_it():
+    """experiments/reference.py, as a script (the suite's way), at a tiny size on CPU."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "reference.py"), "jax", "r8", "4", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kind, model, batch, rate, unit, ms, _ = result.stdout.split()[1:]
+    assert (kind, model, batch, unit) == ("jax", "r8", "B=4", "img/s") and float(rate) > 0 and float(ms) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["jax", "r57", "4"], "error: unknown model 'r57'; use r50 or r<6n+2>"),
+    (["tpu", "r20", "4"], "error: unknown kind 'tpu'"),
+    (["jax", "r20", "four"], "error: BATCH and STEPS are integers"),
+])
+def test_reference_bad_arguments_are_one_line_exit_2(capsys, args, message):
+    from experiments import reference
+
+    with pytest.raises(SystemExit) as exit_:
+        reference.main(["reference.py", *args])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(message)
+
+
+def test_reference_torch_step_only_where_torch_imports(capsys):
+    from experiments import reference
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit) as exit_:
+            reference.main(["reference.py", "torch", "r8", "2", "1"])
+        assert exit_.value.code == 2 and "torch is not installed" in capsys.readouterr().err
+    else:
+        assert reference.time_torch("torch", "r8", 2, steps=1, warmup=1) > 0

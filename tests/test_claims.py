@@ -1,6 +1,5 @@
-"""Tests that bite (issue 19): each README claim fails a test when the behaviour behind it
-breaks. Every test here was checked by breaking the code on purpose (the note of issue 19
-lists which break each one catches).
+"""Tests that bite: each README claim fails a test when the behaviour behind it breaks.
+Every test here was checked by breaking the code on purpose.
 
 One 40-step digits run is trained once for the module and read by several tests.
 """

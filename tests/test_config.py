@@ -1,4 +1,4 @@
-"""resnet_jax.config in-process (issue 19): every validation rule refuses what it should with
+"""resnet_jax.config in-process: every validation rule refuses what it should with
 the message a user reads, and accepts the recipes; lengths in steps or epochs. Fast (no
 training), so the mutation run (scripts/mutation.sh) can use them."""
 
@@ -106,6 +106,13 @@ def test_parse_splits():
     assert config_lib.parse_splits(" val = train[45000:] , test=test,") == {"val": "train[45000:]", "test": "test"}
     assert config_lib.parse_splits("") == {}
     assert config_lib.parse_splits("a=train[:10%]") == {"a": "train[:10%]"}
+    # "name=split?": optional, evaluated only where the data holds the split.
+    spec = "test=test, exact = test_exact ?,few=test_exact[:200]?"
+    assert config_lib.parse_splits(spec) == {"test": "test", "exact": "test_exact", "few": "test_exact[:200]"}
+    assert config_lib.optional_splits(spec) == {"exact", "few"}
+    assert config_lib.optional_splits("test=test") == set()
+    with pytest.raises(UserError, match=r"data.eval_splits item 'a=\?' is not name=split"):
+        config_lib.parse_splits("a=?")
 
 
 def test_steps_in_steps_or_epochs():

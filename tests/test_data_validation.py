@@ -1,4 +1,4 @@
-"""Bad data arrays (issue 12): one `error:` line naming the split, the array and the fix;
+"""Bad data arrays: one `error:` line naming the split, the array and the fix;
 exit 2; nothing written. Each case is a tiny .npz built here, trained with the digits config."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The device suite (issue 14): `--tiny` runs every part on CPU and writes results.json and
+"""The device suite: `--tiny` runs every part on CPU and writes results.json and
 summary.md with positive rates; a budget too small for anything stops cleanly (exit 3, what is
 left said) and the same command continues; the budget stops a training child with SIGTERM."""
 
@@ -14,8 +14,8 @@ import pytest
 
 from helpers import ROOT
 
-# A stand-in for ../shared/bench/reference.py that prints its RESULT line at once, with a
-# known rate, so the ratio can be checked exactly (the real one compiles r20 for ~20 s here).
+# A stand-in for experiments/reference.py that prints its RESULT line at once, with a
+# known rate, so the ratio can be checked exactly (the real one compiles for many seconds on a CPU).
 FAKE_REFERENCE = """import sys
 kind, model, batch = sys.argv[1:4]
 print(f"RESULT {kind} {model} B={batch} 50 img/s {1e3 * int(batch) / 50:.2f} ms/step")
@@ -129,4 +129,4 @@ def test_the_budget_stops_a_training_child_with_sigterm(tmp_path):
 def test_bad_parts_is_one_line_exit_2(tmp_path):
     result = _suite(tmp_path / "ds", "--parts=bench,speed", timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --parts: unknown part 'speed'; choose from bench, e2e, degradation")
+        "error: --parts: unknown part 'speed'; choose from calibrate, bench, e2e, degradation")

@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 
 from configs import cifar
-from experiments import degradation, runs, skip_ablation
-from resnet_jax import cli, figures, models
-from resnet_jax import rundir
+from experiments import degradation, plots, runs, skip_ablation
+from resnet_jax import cli, models, rundir
 from resnet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +119,7 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path):
     for command, expected in (
         (_command("degradation", f"--workdir={tmp_path}", "--depths=20,21"), "error: --depths: '21' is not a CIFAR depth"),
         (_command("degradation", f"--workdir={tmp_path}", "--schedule=fast"),
-         "error: bad flags: flag --schedule=fast: value should be one of <paper|gpu|short|smoke>"),
+         "error: bad flags: flag --schedule=fast: value should be one of <paper|gpu_paper|gpu|short|smoke>"),
         (_command("degradation", f"--workdir={tmp_path}", "--data=npz:/no/such.npz"), "error: --data: file not found"),
         (_command("degradation", "--depths=20"), "error: --workdir is required"),
         (_command("skip_ablation", f"--workdir={tmp_path}", "--study=shortcut,dropout"), "error: --study: unknown dropout"),
@@ -134,13 +133,14 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path):
 
 
 def test_runs_are_config_variants():
-    """Each planned run is one configs/cifar.py variant plus overrides; its config is the recipe's."""
+    """Each planned run is one configs/cifar.py variant plus overrides; its config is the recipe's.
+    Seed-major: every net of seed 0 comes before any of seed 1 (a budget leaves whole seeds)."""
     planned = degradation.plan("short", [20, 56], seeds=2, data="synthetic")
-    assert [(r.name, r.variant, dict(r.overrides)) for r in planned[:4]] == [
-        ("plain20_seed0", "plain20,short,synthetic", {}), ("plain20_seed1", "plain20,short,synthetic", {"train.seed": 1}),
-        ("resnet20_seed0", "resnet20,short,synthetic", {}), ("resnet20_seed1", "resnet20,short,synthetic", {"train.seed": 1})]
-    assert len(planned) == 8
-    run = planned[1]
+    assert [r.name for r in planned] == ["plain20_seed0", "resnet20_seed0", "plain56_seed0", "resnet56_seed0",
+                                         "plain20_seed1", "resnet20_seed1", "plain56_seed1", "resnet56_seed1"]
+    assert [(r.variant, dict(r.overrides)) for r in planned[:2] + planned[4:5]] == [
+        ("plain20,short,synthetic", {}), ("resnet20,short,synthetic", {}), ("plain20,short,synthetic", {"train.seed": 1})]
+    run = planned[4]
     assert run.command("/w") == ("python -m resnet_jax.main --config=configs/cifar.py:plain20,short,synthetic "
                                  "--config.train.seed=1 --workdir=/w")
     config = run.config()
@@ -151,8 +151,17 @@ def test_runs_are_config_variants():
     assert deep.optim.warmup_steps == 3 and deep.optim.warmup_lr == pytest.approx(0.0025)
     gpu = cifar.get_config("plain56,gpu,npz")
     assert (gpu.train.total_steps, gpu.train.batch_size, gpu.optim.lr, gpu.train.eval_every,
-            gpu.train.keep_checkpoints, gpu.data.eval_splits) == (16_000, 128, 0.1, 2000, 1, "test=test,test_exact=test_exact")
+            gpu.train.keep_checkpoints, gpu.data.eval_splits) == (16_000, 128, 0.1, 2000, 1, "test=test,test_exact=test_exact?")
     assert tuple(gpu.optim.boundaries) == (0.5, 0.75) and gpu.optim.momentum == 0.9 and gpu.optim.weight_decay == 1e-4
+    # The paper's recipe on a GPU: bf16 compute, test_exact every 1,000 steps, one checkpoint at
+    # the end, every period a multiple of the steps scanned per dispatch.
+    paper = cifar.get_config("plain56,gpu_paper,npz")
+    train = paper.train
+    assert (train.total_steps, train.batch_size, paper.optim.lr, paper.model.dtype) == (64_000, 128, 0.1, "bfloat16")
+    assert (train.eval_every, train.checkpoint_every, train.keep_checkpoints) == (1000, 64_000, 1)
+    assert paper.data.eval_splits == "test_exact=test_exact,test=test" and cifar.get_config("resnet20").model.dtype == "float32"
+    assert train.steps_per_dispatch == 8 and all(
+        period % train.steps_per_dispatch == 0 for period in (train.log_every, train.eval_every, train.checkpoint_every))
     for bad in ("resnet20,fast", "resnet20,short,smoke"):
         with pytest.raises(ValueError):
             cifar.get_config(bad)
@@ -232,7 +241,7 @@ def test_gradient_flow_one_finite_value_per_conv(tmp_path):
     # Same images, same init: the stem sees identical inputs in both nets.
     assert profiles[0]["grad_norms"] != profiles[1]["grad_norms"]
     assert profiles[0]["activation_scales"][0] == pytest.approx(profiles[1]["activation_scales"][0], rel=1e-5)
-    _assert_png(figures.gradient_flow_png(profiles, tmp_path / "gradient_flow.png"))
+    _assert_png(plots.gradient_flow_png(profiles, tmp_path / "gradient_flow.png"))
 
 
 def test_gradient_profile_matches_direct_gradients():

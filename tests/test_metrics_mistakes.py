@@ -1,5 +1,5 @@
-"""metrics.most_confident_mistakes, beyond tests/test_metrics_figures.py (issue 19: mutation
-survivors): the default limit, probabilities taken as they are, ties in dataset order,
+"""metrics.most_confident_mistakes, beyond tests/test_metrics_figures.py (the
+cases mutation testing showed untested): the default limit, probabilities taken as they are, ties in dataset order,
 limits of 0, and full precision for low-precision scores."""
 
 import numpy as np

@@ -1,5 +1,5 @@
 """metrics.classification_report and topk_correct, beyond tests/test_metrics_figures.py
-(issue 19: mutation survivors): messages, one example, float labels, probabilities told
+(the cases mutation testing showed untested): messages, one example, float labels, probabilities told
 from logits, numerically safe log-softmax, absent classes, the report's keys and types."""
 
 import warnings

@@ -1,5 +1,5 @@
-"""resnet_jax.optim beyond tests/test_train.py's schedule checks (issue 19: mutation
-survivors): boundaries in epochs and steps, warm-up in epochs, the cosine and cyclical
+"""resnet_jax.optim beyond tests/test_train.py's schedule checks (the cases
+mutation testing showed untested): boundaries in epochs and steps, warm-up in epochs, the cosine and cyclical
 floors, which parameters are decayed, momentum, Nesterov and Adam."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Data parallelism (issue 4), on fake CPU devices in subprocesses."""
+"""Data parallelism, on fake CPU devices in subprocesses."""
 
 import os
 import shutil

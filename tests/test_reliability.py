@@ -1,4 +1,4 @@
-"""Preemption, exact resume and bad input (issue 8): real signals to real subprocesses,
+"""Preemption, exact resume and bad input: real signals to real subprocesses,
 really damaged checkpoint files, a really diverging loss."""
 
 import os

@@ -1,4 +1,4 @@
-"""resnet_jax.data.sources in-process (issue 19): split slicing, array validation and the
+"""resnet_jax.data.sources in-process: split slicing, array validation and the
 consistency checks, each rule with the message a user reads. Fast (no training), for the
 mutation run; tests/test_data_validation.py checks the same rules end to end."""
 
@@ -121,3 +121,14 @@ def test_check_consistent():
     with pytest.raises(UserError, match=r"eval split 'test' has images of shape \[2, 2, 1\], the training images "
                                         r"\[2, 2, 3\]"):
         sources.check_consistent(data, train, {"test": Arrays(np.zeros((4, 2, 2, 1), np.uint8), np.zeros(4))})
+
+
+def test_split_names_and_base_split(tmp_path):
+    """What an .npz holds (x_ with y_ only), for the eval splits marked optional."""
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((2, 2, 2, 3), np.uint8), y_train=np.zeros(2), x_lone=np.zeros(1))
+    data = tiny_config(**{"data.source": "npz", "data.path": str(tmp_path / "d.npz")}).data
+    assert sources.split_names(data) == {"train"}
+    data.path = str(tmp_path / "missing.npz")
+    assert sources.split_names(data) is None  # loading it says why
+    assert sources.split_names(tiny_config().data) is None  # not an .npz: every split is kept
+    assert [sources.base_split(s) for s in ("test", "test_exact[:200]", " train [10%:] ")] == ["test", "test_exact", "train"]

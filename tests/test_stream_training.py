@@ -1,4 +1,4 @@
-"""The trainer on the streaming pipeline (issue 9): the ImageNet recipe trains a few steps
+"""The trainer on the streaming pipeline: the ImageNet recipe trains a few steps
 from a tiny TFDS dataset of JPEGs, and resumes the exact data order from its checkpoint."""
 
 import re

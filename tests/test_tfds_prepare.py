@@ -1,4 +1,4 @@
-"""Preparing a real registered TFDS dataset (issue 17), offline: its download metadata
+"""Preparing a real registered TFDS dataset, offline: its download metadata
 resolves, and a missing network or manual download is one clear line, exit 2."""
 
 import os
@@ -15,7 +15,7 @@ from resnet_jax.errors import UserError
 
 
 def test_cifar10_download_metadata_resolves_offline():
-    """TFDS 4.9.10 needs importlib_resources here without declaring it (the crash of issue 17)."""
+    """TFDS 4.9.10 needs importlib_resources here without declaring it: without it, the download path crashes."""
     url_infos = tfds.builder("cifar10").url_infos
     assert len(url_infos) == 1
     (url, info), = url_infos.items()

@@ -1,4 +1,4 @@
-"""The training job (issue 3): every data source trains, schedules, resume, augmentation,
+"""The training job: every data source trains, schedules, resume, augmentation,
 and the one-line errors for bad configs."""
 
 import glob
@@ -288,7 +288,7 @@ def test_rerunning_an_early_stopped_run_trains_no_further(tmp_path, capsys):
 
 
 def test_imagenet_recipe_is_the_same_epochs_at_any_batch():
-    """Durations in epochs: doubling the batch halves the steps, not the epochs (issue 13)."""
+    """Durations in epochs: doubling the batch halves the steps, not the epochs."""
     from configs import imagenet
     from resnet_jax import config as config_lib
 

@@ -46,6 +46,17 @@ def create(config: ml_collections.ConfigDict, parallel: Parallel) -> "DevicePipe
     return cls(config, parallel)
 
 
+def eval_splits(data: ml_collections.ConfigDict) -> dict[str, str]:
+    """data.eval_splits as name -> split, less the optional ones ("name=split?") that the data
+    does not hold (only an .npz is looked into; other sources keep every split)."""
+    splits = config_lib.parse_splits(data.eval_splits)
+    optional = config_lib.optional_splits(data.eval_splits)
+    present = sources.split_names(data) if optional else None
+    if present is None:
+        return splits
+    return {name: split for name, split in splits.items() if name not in optional or sources.base_split(split) in present}
+
+
 class _Pipeline:
     """What both pipelines share: sizes, and the training length in steps."""
 
@@ -55,7 +66,11 @@ class _Pipeline:
 
     def __init__(self, config: ml_collections.ConfigDict, parallel: Parallel):
         self.config, self.parallel = config, parallel
-        self.eval_splits = config_lib.parse_splits(config.data.eval_splits)
+        self.eval_splits = eval_splits(config.data)
+        watched = config.train.early_stopping_split
+        if watched and watched not in self.eval_splits:
+            raise UserError(f"train.early_stopping_split={watched!r} names an optional eval split that "
+                            f"{config.data.path or 'the data'} does not have; evaluated: {', '.join(self.eval_splits)}")
         self.per_device_batch = config.train.batch_size // parallel.num_devices
         self.per_device_eval_batch = config.train.eval_batch_size // parallel.num_devices
 

@@ -28,6 +28,12 @@ class Arrays(NamedTuple):
     labels: np.ndarray  # int32 [N]
 
 
+def base_split(split: str) -> str:
+    """"train[:45000]" -> "train"."""
+    match = _SLICE.match(split.replace(" ", ""))
+    return match.group(1) if match else split
+
+
 def slice_split(split: str, arrays: dict[str, Arrays]) -> Arrays:
     """Applies TFDS-style slicing ("train[:45000]", "train[90%:]") to in-memory splits."""
     match = _SLICE.match(split.replace(" ", ""))
@@ -242,6 +248,18 @@ def _tfds(data: ml_collections.ConfigDict, split: str) -> Arrays:
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
     labels = np.asarray([r["label"] for r in records], np.int32)
     return Arrays(images, labels)
+
+
+def split_names(data: ml_collections.ConfigDict) -> set[str] | None:
+    """The splits an .npz source holds (x_<split> with y_<split>, unsliced); None for other
+    sources, or a file that cannot be read (loading it then says why)."""
+    if data.source != "npz":
+        return None
+    try:
+        with np.load(data.path) as npz:
+            return {k[2:] for k in npz.files if k.startswith("x_") and f"y_{k[2:]}" in npz.files}
+    except Exception:  # missing or not an .npz: load_split reports it
+        return None
 
 
 def load_split(data: ml_collections.ConfigDict, split: str, role: str = "") -> Arrays:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Checks scripts/slurm/train.sbatch on one machine without GPUs (issue 14, part 5):
+# Checks scripts/slurm/train.sbatch on one machine without GPUs:
 # a one-node SLURM cluster on localhost runs the sbatch script with 2 tasks x 2 fake CPU
 # devices (--distributed, digits, 2 steps), then 1 process x 4 devices trains the same run,
 # and the two final states and losses are compared (as tests/test_parallel.py does).
