@@ -159,7 +159,7 @@ def test_runs_are_config_variants():
     train = paper.train
     assert (train.total_steps, train.batch_size, paper.optim.lr, paper.model.dtype) == (64_000, 128, 0.1, "bfloat16")
     assert (train.eval_every, train.checkpoint_every, train.keep_checkpoints) == (1000, 64_000, 1)
-    assert paper.data.eval_splits == "test_exact=test_exact,test=test" and cifar.get_config("resnet20").model.dtype == "float32"
+    assert paper.data.eval_splits == "test_exact=test_exact?,test=test" and cifar.get_config("resnet20").model.dtype == "float32"
     assert train.steps_per_dispatch == 8 and all(
         period % train.steps_per_dispatch == 0 for period in (train.log_every, train.eval_every, train.checkpoint_every))
     for bad in ("resnet20,fast", "resnet20,short,smoke"):
