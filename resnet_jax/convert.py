@@ -166,7 +166,7 @@ def state_dict_of(obj: Any, path: str, fmt: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path} is not a state dict (it holds {_describe(obj)}); save model.state_dict()")
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+        if not isinstance(key, str) or not isinstance(value, (np.ndarray, torch_files.Tensor)):
             raise UserError(f"{path} is not a state dict: key {key!r} holds {_describe(value)}, not a tensor")
     keys = list(obj)
     if all(k.startswith("module.") for k in keys):
@@ -179,7 +179,7 @@ def state_dict_of(obj: Any, path: str, fmt: str) -> dict[str, np.ndarray]:
 def _describe(obj: Any) -> str:
     if isinstance(obj, dict):
         return f"a dict of {len(obj)} entries" + (f" ({', '.join(map(repr, list(obj)[:4]))}, ...)" if obj else "")
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.ndarray, torch_files.Tensor)):
         return f"a tensor of shape {obj.shape}"
     return f"a {type(obj).__name__}"
 
@@ -189,7 +189,8 @@ def from_state_dict(state_dict: dict[str, np.ndarray], fmt: str, abstract: dict,
     """(params, batch_stats) of the model `abstract` describes, from a torch state dict.
 
     Args:
-      state_dict: torch key -> array, in the file's order (see `state_dict_of`).
+      state_dict: torch key -> array (or torch_files.Tensor, whose elements are read only
+        once its shape is the model's), in the file's order (see `state_dict_of`).
       fmt: "torchvision" or "akamaster".
       abstract: the model's {"params", "batch_stats"} (shapes are what matters).
       path, model: for the messages.
@@ -213,12 +214,19 @@ def from_state_dict(state_dict: dict[str, np.ndarray], fmt: str, abstract: dict,
             raise UserError(f"{path}: key {key!r} has shape {value.shape}, {model} needs {torch_shape(shape)}; {hint}")
         if not np.issubdtype(value.dtype, np.floating):
             raise UserError(f"{path}: key {key!r} holds {value.dtype}, not floating-point weights")
-        flat[collection][flax_path] = np.ascontiguousarray(to_flax_layout(value), dtype=np.float32)
+        flat[collection][flax_path] = np.ascontiguousarray(to_flax_layout(np.asarray(value)), dtype=np.float32)
     missing = sorted((key for key in expected if key not in state_dict), key=_torch_order)
     if missing:
         raise UserError(f"{path}: no key {missing[0]!r}, which {model} needs ({len(missing)} of its "
                         f"{len(expected)} variables are missing); {hint}")
     return traverse_util.unflatten_dict(flat["params"]), traverse_util.unflatten_dict(flat["batch_stats"])
+
+
+def state_bytes_bound(abstract: dict, fmt: str) -> int:
+    """The most a torch state dict of the model `abstract` describes can take: every variable
+    as float64 and every BN counter (int64)."""
+    elements = sum(int(np.prod(shape)) for _, _, shape in layout(abstract, fmt).values())
+    return 8 * (elements + len(bn_counters(abstract, fmt)))
 
 
 def to_state_dict(params: Any, batch_stats: Any, fmt: str, batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -295,9 +303,13 @@ def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
                         f"but {model} is {'an' if family == 'imagenet' else 'a'} {kind[family]} net; use "
                         f"--format={FORMAT_OF_FAMILY[family]} or another --config")
 
-    state_dict = state_dict_of(torch_files.load(file), file, fmt)
     image_shape = restore.default_image_shape(config)  # torch's ResNets take RGB
     abstract = steps.abstract_variables(config, image_shape)
+    # Nothing beyond what the model can hold is allocated: the storages are bound by its
+    # state's size, and each tensor is read only once its shape is the model's.
+    loaded = torch_files.load(file, max_bytes=state_bytes_bound(abstract, fmt),
+                              what=f"{model}'s state dict can take (as float64)", materialize=False)
+    state_dict = state_dict_of(loaded, file, fmt)
     params, batch_stats = from_state_dict(state_dict, fmt, abstract, file, model)
 
     config_path = os.path.join(workdir, "config.json")

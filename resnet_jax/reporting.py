@@ -12,6 +12,7 @@ Only process 0 writes or prints (multi-host runs share one workdir). TensorBoard
 from tensorboardX, so nothing here imports TensorFlow.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,8 @@ import time
 
 import jax
 import tqdm
+
+from resnet_jax.errors import UserError, disk_full, is_disk_full, json_kind
 
 
 def on_terminal() -> bool:
@@ -30,7 +33,8 @@ def on_terminal() -> bool:
 class Reporter:
     """Metric records to `workdir/metrics.jsonl` and TensorBoard, plus progress on stdout."""
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool = True):
+    def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool = True,
+                 needed_bytes: int | None = None):
         """Opens the writers (process 0 only).
 
         Args:
@@ -38,17 +42,23 @@ class Reporter:
           total_steps: the step the run ends at (for the percentage and the ETA).
           start_step: the step it starts or resumes at.
           progress: False forces plain lines even on a terminal (`train.progress`).
+          needed_bytes: what the run needs on disk, for the message when the disk is full.
+
+        Raises:
+          UserError: a writer cannot be opened (a full disk: DiskFull).
         """
+        self.workdir, self.needed_bytes = workdir, needed_bytes
         self.enabled = jax.process_index() == 0
         self.start_time = time.time()
         self.total_steps, self.start_step, self.step = total_steps, start_step, start_step
         self.plain = not (progress and on_terminal())
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter  # protobuf and more: only when events are written
-
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl = self.events = None
+        with self._writing("metrics.jsonl"):
+            self.jsonl = _open_for_append(os.path.join(workdir, "metrics.jsonl"))
+        with self._writing("tensorboard/"):
+            self.events = _Events(os.path.join(workdir, "tensorboard"))
         self.bar = tqdm.tqdm(
             total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
             disable=self.plain, file=sys.stderr, mininterval=1.0,
@@ -116,21 +126,52 @@ class Reporter:
             self.bar.write(line, file=sys.stdout)
             sys.stdout.flush()
 
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.jsonl.close()
-            self.tensorboard.close()
+    def close(self, quiet: bool = False) -> None:
+        """Closes the writers, every one even when one fails.
+
+        Args:
+          quiet: another error is on its way out: a failure here (the same full disk,
+            most likely) is dropped rather than replacing it.
+
+        Raises:
+          UserError: (unless `quiet`) a writer could not write what it held.
+        """
+        if not self.enabled:
+            return
+        self.bar.close()
+        failed = None
+        for what, writer in (("metrics.jsonl", self.jsonl), ("tensorboard/", self.events)):
+            try:
+                with self._writing(what):
+                    if writer is not None:
+                        writer.close()
+            except UserError as error:
+                failed = failed or error
+        self.jsonl = self.events = None
+        if failed is not None and not quiet:
+            raise failed
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Turns a failed write of `what` into one error: a full disk says how much is free."""
+        try:
+            yield
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full(what, self.workdir, self.needed_bytes) from None
+            raise UserError(f"cannot write {os.path.join(self.workdir, what)}: {error.strerror or error}") from None
 
     def _record(self, record: dict) -> dict:
         """Appends `record` to metrics.jsonl and TensorBoard; returns it with plain floats."""
         record = {k: (float(v) if not isinstance(v, (str, int)) else v) for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for name, value in record.items():
-            if name not in ("step", "split", "examples"):  # examples: how many images, not a metric
-                self.tensorboard.add_scalar(f"{record['split']}/{name}", value, record["step"])
-        self.tensorboard.flush()
+        with self._writing("metrics.jsonl"):
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        with self._writing("tensorboard/"):
+            for name, value in record.items():
+                if name not in ("step", "split", "examples"):  # examples: how many images, not a metric
+                    self.events.add_scalar(f"{record['split']}/{name}", value, record["step"])
+            self.events.flush()
         return record
 
     def _train_line(self, record: dict) -> str:
@@ -152,6 +193,31 @@ class Reporter:
         return "  ".join(parts)
 
 
+class _Events:
+    """TensorBoard scalars, written in the calling thread: tensorboardX's EventsWriter without
+    SummaryWriter's background thread, so a failed write (a full disk) is an exception here
+    rather than a traceback from that thread and a closed handle later."""
+
+    def __init__(self, logdir: str):
+        # protobuf and more: only when events are written
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        self.event, self.scalar = event_pb2.Event, scalar
+        os.makedirs(logdir, exist_ok=True)
+        self.writer = EventsWriter(os.path.join(logdir, "events"))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.write_event(self.event(summary=self.scalar(tag, value), step=step, wall_time=time.time()))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _percent(error: float) -> str:
     return f"{100 * error:.2f} %"
 
@@ -166,9 +232,49 @@ def _duration(seconds: float) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of `workdir/metrics.jsonl` (an empty list when there are none)."""
+    """The records of `workdir/metrics.jsonl` (an empty list when there are none).
+
+    A last line without its newline (a run killed while writing it) is left out.
+
+    Raises:
+      UserError: a line that is not JSON, or not an object with an integer "step" and a
+        string "split" (the records the trainer writes); the message names the line.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            if number == len(lines):  # no newline after it: cut short by a kill, not yet a record
+                break
+            raise UserError(f"{path} line {number} is not JSON ({error}); delete that line (the trainer "
+                            "appends complete lines only)") from None
+        if not (isinstance(record, dict) and type(record.get("step")) is int and isinstance(record.get("split"), str)):
+            raise UserError(f"{path} line {number} holds {json_kind(record)}, not a metrics record (an object with "
+                            'an integer "step" and a string "split"); delete that line')
+        records.append(record)
+    return records
+
+
+def _open_for_append(path: str):
+    """metrics.jsonl opened to append, a last line cut short by a kill removed first (so
+    the next record starts a line of its own)."""
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a")

@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from resnet_jax import optim, rundir, steps
-from resnet_jax.checkpoint import Checkpoints, abstract_like
+from resnet_jax.checkpoint import CheckpointReader, Checkpoints, Vanished, abstract_like, read_retrying
 from resnet_jax.errors import UserError
 
 
@@ -92,17 +92,24 @@ def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sh
     saved = rundir.check_checkpoint(workdir, which)
     directory = rundir.checkpoint_dir(workdir)
     target_sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
-    try:
+    # Read-only and safe beside a run training in `workdir` this moment: complete steps only,
+    # chosen again when the trainer deletes one being read (see checkpoint.CheckpointReader).
+    checkpoints = CheckpointReader(workdir, lambda: rundir.live_holder(workdir))
+
+    def read():
+        rundir.check_checkpoint(workdir, which)  # a step asked for may have been deleted since
         target, note = rundir.choose_checkpoint(checkpoints, which)
         # The layout comes from the metadata of the step to be read (or the newest one).
-        meta = rundir.RunMeta.from_json(checkpoints.read_meta(target if target is not None else saved[-1]))
+        meta = rundir.RunMeta.from_json(_layout_meta(checkpoints, target))
         image_shape = tuple(meta.image_shape or default_image_shape(config))
         abstract = steps.abstract_variables(config, image_shape)
-        restored = checkpoints.restore_variables(abstract_like(abstract, target_sharding), target)
+        return checkpoints.restore_variables(abstract_like(abstract, target_sharding), target), note
+
+    try:
+        restored, note = read_retrying(read, checkpoints.directory)
     finally:
         checkpoints.close()
-    if restored is None:  # steps vanished between the listing and now
+    if restored is None:  # every step vanished: the run was started over
         raise UserError(f"no checkpoints in {directory}")
     variables, saved_meta, step = restored
     if sharding is None:
@@ -111,6 +118,26 @@ def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sh
         _note(note)
     return TrainedRun(workdir, config, variables, int(step), rundir.RunMeta.from_json(saved_meta), str(which),
                       note)
+
+
+def _layout_meta(checkpoints: CheckpointReader, target: int | None) -> dict:
+    """The metadata of the step to read (`target`, or the newest readable one).
+
+    Raises:
+      Vanished: the step disappeared (choose again).
+      UserError: `target` is unreadable, or none is.
+    """
+    saved = checkpoints.steps()
+    if not saved:
+        raise Vanished(target)
+    for step in [target] if target is not None else reversed(saved):
+        meta = checkpoints.read_meta(step)
+        if meta is not None:
+            return meta
+    if target is not None:
+        raise UserError(f"checkpoint {target} in {checkpoints.directory} is unreadable; choose another step "
+                        "(--checkpoint)")
+    raise checkpoints.nothing_readable(saved)
 
 
 def optimizer_for(config: ml_collections.ConfigDict):

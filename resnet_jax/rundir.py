@@ -24,7 +24,7 @@ import jax
 import ml_collections
 
 from resnet_jax import config as config_lib
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, disk_full, is_disk_full, json_kind
 
 # Fields that define what a run *is*: resuming with any of them changed would mix two runs.
 IDENTITY_FIELDS = ("model", "data.source", "data.name", "data.path", "data.image_size", "data.normalization",
@@ -47,11 +47,33 @@ def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes `workdir/config.json` (process 0 only)."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+def write_config(config: ml_collections.ConfigDict, workdir: str, needed_bytes: int | None = None) -> None:
+    """Writes `workdir/config.json` (process 0 only), atomically: a full disk or a kill
+    leaves the old file or the new one, never half of one.
+
+    Raises:
+      UserError: it could not be written (a full disk: DiskFull).
+    """
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w") as f:
             json.dump(flatten(config), f, indent=2, sort_keys=True)
+        os.replace(partial, path)
+    except OSError as error:
+        if os.path.exists(partial):
+            os.remove(partial)
+        if is_disk_full(error):
+            raise disk_full(path, workdir, needed_bytes) from None
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def space_needed(config: ml_collections.ConfigDict, state_bytes: int) -> int:
+    """What a run needs on disk, about: its kept checkpoints, the best one and the one being
+    written (each the size of the state), plus room for metrics and TensorBoard events."""
+    return state_bytes * (config.train.keep_checkpoints + 2) + (1 << 20)
 
 
 def _identity(flat: dict) -> dict:
@@ -84,8 +106,13 @@ class Lock:
         if holder:
             _warn(f"taking over the lock of {os.path.dirname(self.path)} from process {holder[0]} on "
                   f"{holder[-1]}, which is no longer running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock is not held, and the caller says why
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:
@@ -94,6 +121,27 @@ class Lock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def live_holder(workdir: str) -> str | None:
+    """"process PID on HOST" when a live process holds the workdir's lock (a run is training
+    there), else None. Reads the lock file only: never creates, locks or changes it."""
+    try:
+        with open(os.path.join(workdir, LOCK_FILE)) as f:
+            holder = f.read(200).split()
+    except OSError:
+        return None
+    if len(holder) != 2 or not holder[0].isdigit():
+        return None  # empty: released
+    pid, host = int(holder[0]), holder[1]
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # died without releasing it (kill -9)
+        except PermissionError:
+            pass
+    return f"process {pid} on {host}"
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -> Lock:
@@ -118,6 +166,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -
             try:
                 lock.acquire()
             except OSError as error:  # read-only file system, no permission, not a real directory
+                if is_disk_full(error):
+                    raise disk_full(f"the lock {lock.path}", workdir,
+                                    space_needed(config, state_bytes)) from None
                 raise UserError(f"workdir {workdir} is not writable: {error.strerror or error}") from None
         _check(config, workdir, state_bytes)
         if config.overwrite:
@@ -125,7 +176,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) -
                 shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
             if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
                 os.remove(os.path.join(workdir, "metrics.jsonl"))
-        write_config(config, workdir)
+        write_config(config, workdir, space_needed(config, state_bytes))
     except BaseException:
         lock.release()
         # Refused: leave the disk as it was (no new lock file, no new empty workdir).
@@ -145,6 +196,9 @@ def _check(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) ->
                 old = json.load(f)
         except (OSError, ValueError) as error:
             raise UserError(f"cannot read {config_path} ({error}); move it away or set --config.overwrite=True") from None
+        if not isinstance(old, dict) or not all(isinstance(k, str) for k in old):
+            raise UserError(f"{config_path} holds {json_kind(old)}, not the JSON object of dotted keys a run "
+                            "writes; move it away or set --config.overwrite=True")
         new = flatten(config)
         differ = {k: (old.get(k), new.get(k)) for k in _identity(old) | _identity(new) if old.get(k) != new.get(k)}
         if differ:
@@ -153,7 +207,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str, state_bytes: int) ->
                             "--config.overwrite=True to start over")
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise UserError(f"workdir {workdir} is not writable")
-    needed = state_bytes * (config.train.keep_checkpoints + 2)
+    needed = space_needed(config, state_bytes)
     free = shutil.disk_usage(workdir).free
     if free < needed:
         raise UserError(f"not enough disk space in {workdir}: {free / 2**20:.0f} MiB free, checkpoints need "

@@ -133,9 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data, train_cfg = trainer.data, config.train
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state()))
     lock = rundir.prepare(config, workdir, state_bytes)
+    needed = rundir.space_needed(config, state_bytes)
     checkpoints = reporter = None
     try:
-        checkpoints = Checkpoints(workdir, train_cfg.keep_checkpoints)
+        checkpoints = Checkpoints(workdir, train_cfg.keep_checkpoints, needed)
         state, meta, restored, notes = _restore_or_init(trainer, checkpoints)
         data.set_state(meta.data_state)
         step = int(parallel.unreplicate(state.step))
@@ -143,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               "std": np.asarray(data.normalization[1]).tolist()}
         meta.image_shape = list(trainer.image_shape)
 
-        reporter = Reporter(workdir, trainer.total_steps, step, train_cfg.progress)
+        reporter = Reporter(workdir, trainer.total_steps, step, train_cfg.progress, needed)
         reporter.print(f"{config.model.name} on {config.data.name} ({config.data.source}), {parallel.describe()}, "
                        f"global batch {train_cfg.batch_size}, {trainer.steps_per_epoch} steps/epoch, "
                        + (f"resuming at step {step}" if restored else
@@ -155,13 +156,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         evaluate_first = step == 0 and (restored or bool(config.train.init_from)) and meta.best_step is None
         loop = Loop(trainer, state, meta, step, checkpoints, reporter)
         final = loop.run(evaluate_first)
-    finally:
-        if reporter is not None:
-            reporter.close()
-        if checkpoints is not None:
-            checkpoints.close()
-        data.close()
-        lock.release()
+    except BaseException:
+        _release(reporter, checkpoints, data, lock, quiet=True)  # the error on its way out is the one to tell
+        raise
+    _release(reporter, checkpoints, data, lock, quiet=False)
 
     minutes = (time.time() - reporter.start_time) / 60
     parts = [f"{name} error {100 * r['error']:.2f}% (top-5 {100 * r['top5_error']:.2f}%, {r['examples']} images)"
@@ -173,6 +171,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               + (f"; best {100 * best['error']:.2f}% at step {best['step']}" if best["error"] is not None else "")
               + (f"; stopped early at step {meta.stopped_early}" if meta.stopped_early else ""), flush=True)
     return {**final["results"], "step": final["step"], "best": best}
+
+
+def _release(reporter: Reporter | None, checkpoints: Checkpoints | None, data, lock, quiet: bool) -> None:
+    """Closes the writers and releases the lock, every one even when another fails (a full
+    disk fails them all). `quiet`: an error is already on its way out, and a second one from
+    here must not replace it; otherwise the first failure is raised once all are done."""
+    closers = ([lambda: reporter.close(quiet)] if reporter is not None else []) + (
+        [checkpoints.close] if checkpoints is not None else []) + [data.close, lock.release]
+    failed = None
+    for close in closers:
+        try:
+            close()
+        except Exception as error:  # noqa: BLE001 -- each closer must run; the first failure is kept
+            failed = failed or error
+    if failed is not None and not quiet:
+        raise failed
 
 
 def _is_time(step: int, every: int, total: int) -> bool:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -315,3 +316,186 @@ def test_bad_files_are_one_error_line_and_nothing_written(imported, tmp_path):
                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert done.returncode == 2 and done.stderr.splitlines() == [message], done.stderr
         assert done.stdout == "" and not workdir.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Files that lie about their sizes: refused before anything is allocated.
+
+
+class _ForgedStorage:
+    def __init__(self, type_name: str, key: str, numel: int):
+        self.type_name, self.key, self.numel = type_name, key, numel
+
+
+class _ForgedTensor:
+    def __init__(self, storage: _ForgedStorage, offset: int, size: tuple, stride: tuple):
+        self.args = (storage, offset, tuple(size), tuple(stride))
+
+
+def _torch_pickle(obj) -> bytes:
+    """`obj` pickled as torch.save pickles a state dict (protocol 2, torch's global names,
+    storages as persistent ids), without torch: modules named torch and torch._utils stand in
+    only while pickling, so pickle writes torch's names."""
+    import collections
+    import io
+    import types
+
+    fake_torch, fake_utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("never called")
+
+    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+    fake_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+    storage_types = {}
+    for name in torch_files.STORAGE_DTYPES:
+        storage_types[name] = type(name, (), {"__module__": "torch"})
+        setattr(fake_torch, name, storage_types[name])
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, value):
+            if isinstance(value, _ForgedStorage):
+                return ("storage", storage_types[value.type_name], value.key, "cpu", value.numel)
+            return None
+
+        def reducer_override(self, value):
+            if isinstance(value, _ForgedTensor):
+                return _rebuild_tensor_v2, (*value.args, False, collections.OrderedDict())
+            return NotImplemented
+
+    saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
+    sys.modules.update({"torch": fake_torch, "torch._utils": fake_utils})
+    try:
+        out = io.BytesIO()
+        Pickler(out, protocol=2).dump(obj)
+        return out.getvalue()
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+
+
+def _forge_zip(path, state_dict: dict, records: dict[str, bytes]) -> None:
+    """torch's zip layout: archive/data.pkl, archive/byteorder, archive/data/<key>, stored."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", _torch_pickle(state_dict))
+        z.writestr("archive/byteorder", "little")
+        for key, raw in records.items():
+            z.writestr(f"archive/data/{key}", raw)
+
+
+def _forge_legacy(path, state_dict: dict, storages: list[tuple[str, int, bytes | int]]) -> None:
+    """torch's legacy layout: magic, protocol, system info, the object, the storage keys, then
+    each storage's element count (int64) and its bytes (an int: that many zero bytes, sparse)."""
+    import struct
+
+    with open(path, "wb") as f:
+        for header in (torch_files.LEGACY_MAGIC_NUMBER, torch_files.LEGACY_PROTOCOL_VERSION,
+                       {"protocol_version": 1001, "little_endian": True,
+                        "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+            pickle.dump(header, f, protocol=2)
+        f.write(_torch_pickle(state_dict))
+        pickle.dump([key for key, _, _ in storages], f, protocol=2)
+        for key, numel, raw in storages:
+            f.write(struct.pack("<q", numel))
+            if isinstance(raw, int):
+                f.seek(raw, os.SEEK_CUR)
+            else:
+                f.write(raw)
+        f.truncate()
+
+
+# A bound on the address space of the importing process: JAX itself takes about 2 GiB of it.
+ADDRESS_SPACE_LIMIT = 4 << 30
+
+
+def _import_under_memory_limit(file, tmp_path) -> subprocess.CompletedProcess:
+    code = ("import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_AS, ({ADDRESS_SPACE_LIMIT}, {ADDRESS_SPACE_LIMIT})); "
+            f"sys.argv = ['convert', 'import', '--format=akamaster', '--file={file}', "
+            f"'--config=cifar:resnet20,synthetic', '--workdir={tmp_path / 'never'}']; "
+            "runpy.run_module('resnet_jax.convert', run_name='__main__')")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+
+
+def _lying_files(tmp_path) -> list[tuple[str, str]]:
+    """(file, what its one error line must say) for each lie."""
+    one_float = _ForgedStorage("FloatStorage", "0", 1)
+    zero_stride = tmp_path / "zero_stride.pth"  # one float seen as 2**36 of them: 256 GiB
+    _forge_zip(zero_stride, {"conv1.weight": _ForgedTensor(one_float, 0, (2**36,), (0,))},
+               {"0": np.float32(1).tobytes()})
+    claims_a_terabyte = tmp_path / "claims_a_terabyte.pth"  # a storage of 2**40 floats in a 300-byte file
+    huge = _ForgedStorage("FloatStorage", "0", 2**40)
+    _forge_legacy(claims_a_terabyte, {"conv1.weight": _ForgedTensor(huge, 0, (16, 3, 3, 3), (27, 9, 3, 1))},
+                  [("0", 2**40, b"\0" * 4)])
+    # A truthful 8 GiB storage (a sparse file): more than resnet20's weights can take, refused unread.
+    big = tmp_path / "big_storage.pth"
+    _forge_legacy(big, {"conv1.weight": _ForgedTensor(_ForgedStorage("FloatStorage", "0", 2**31), 0,
+                                                      (16, 3, 3, 3), (27, 9, 3, 1))}, [("0", 2**31, 2**33)])
+    # A view past the end of its storage, and a legacy storage longer than the rest of the file.
+    past_end = tmp_path / "past_end.pth"
+    _forge_zip(past_end, {"conv1.weight": _ForgedTensor(_ForgedStorage("FloatStorage", "0", 432), 10,
+                                                        (16, 3, 3, 3), (27, 9, 3, 1))},
+               {"0": np.zeros(432, np.float32).tobytes()})
+    short = tmp_path / "short.pth"
+    _forge_legacy(short, {"conv1.weight": _ForgedTensor(_ForgedStorage("FloatStorage", "0", 2**26), 0,
+                                                        (16, 3, 3, 3), (27, 9, 3, 1))}, [("0", 2**26, b"\0" * 64)])
+    return [
+        (str(zero_stride), r"key 'conv1\.weight' has shape \(68719476736,\), resnet20 needs \(16, 3, 3, 3\)"),
+        (str(claims_a_terabyte), r"key 'conv1\.weight': its storage claims 4,398,046,511,104 bytes, the file "
+                                 r"holds 4 after it"),
+        (str(big), r"key 'conv1\.weight': its storage claims 8,589,934,592 bytes, more than the [\d,]+ bytes "
+                   r"resnet20's state dict can take"),
+        (str(past_end), r"key 'conv1\.weight' reaches element 441 of its storage, which holds 432"),
+        (str(short), r"key 'conv1\.weight': its storage claims 268,435,456 bytes, the file holds 64 after"),
+    ]
+
+
+def test_lying_sizes_are_one_error_line_under_a_memory_limit(tmp_path):
+    """Claims checked against the file's bytes and the model's shapes before allocation:
+    under a 4 GiB address-space limit, each file is one `error:` line naming the key, exit 2."""
+    for file, message in _lying_files(tmp_path):
+        done = _import_under_memory_limit(file, tmp_path)
+        lines = done.stderr.splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (file, done.returncode, done.stderr[-3000:])
+        assert re.fullmatch(rf"error: (cannot read )?{re.escape(file)}[: ].*{message}.*", lines[0]), lines[0]
+        assert not (tmp_path / "never").exists()
+
+
+def test_reader_bounds_views_without_a_model(tmp_path):
+    """Read alone (no target shapes), the lies are refused too: a view's elements may not
+    exceed what the file holds (twice its size: bfloat16 is widened)."""
+    files = _lying_files(tmp_path)
+    expected = {files[0][0]: r"key 'conv1\.weight' views 68,719,476,736 elements \(274,877,906,944 bytes\): the "
+                             r"arrays would take more than the [\d,]+ bytes that twice the file's size allows",
+                **{file: message for file, message in files[1:] if "big_storage" not in file}}
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for file, message in expected.items():
+        code = ("import resource; "
+                f"resource.setrlimit(resource.RLIMIT_AS, ({ADDRESS_SPACE_LIMIT}, {ADDRESS_SPACE_LIMIT})); "
+                "from resnet_jax import torch_files\n"
+                "try:\n"
+                f"    torch_files.load({file!r})\n"
+                "except torch_files.UserError as error:\n"
+                "    print(error)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0 and re.search(message, done.stdout), (file, done.stdout, done.stderr[-2000:])
+
+
+def test_forged_files_read_back_when_they_tell_the_truth(tmp_path):
+    """The forger writes what the reader reads (so the refusals above are of lies, not of the forger)."""
+    values = np.arange(432, dtype=np.float32)
+    storage = _ForgedStorage("FloatStorage", "0", 432)
+    state_dict = {"conv1.weight": _ForgedTensor(storage, 0, (16, 3, 3, 3), (27, 9, 3, 1)),
+                  "row": _ForgedTensor(storage, 5, (3,), (2,))}
+    _forge_zip(tmp_path / "z.pth", state_dict, {"0": values.tobytes()})
+    _forge_legacy(tmp_path / "l.pth", state_dict, [("0", 432, values.tobytes())])
+    for name in ("z.pth", "l.pth"):
+        loaded = torch_files.load(str(tmp_path / name))
+        np.testing.assert_array_equal(loaded["conv1.weight"], values.reshape(16, 3, 3, 3))
+        np.testing.assert_array_equal(loaded["row"], [5, 7, 9])
+    assert "torch" not in sys.modules

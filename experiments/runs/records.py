@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, NonFinite, Preempted, UserError
+from resnet_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, NonFinite, Preempted, UserError, json_kind
 
 from . import machine, supervise
 from .spec import RunSpec
@@ -36,13 +36,32 @@ def write_json(path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
-    """The file's value, or None when it is missing or unreadable."""
+# What a done.json must hold to say a run finished (`existing` reads these), and a failed.json.
+DONE_FIELDS = {"name": str, "step": int, "total_steps": int, "results": dict}
+FAILED_FIELDS = {"failed": str}
+
+
+def read_json(path: str, fields: dict[str, type] | None = None) -> dict | None:
+    """The JSON object in `path`; None when the file is missing, or (with a warning) when it
+    is unreadable, not an object, or lacks one of `fields` ({name: type}) of its type: a
+    record that says nothing is treated as none (a run is trained again, and resumes)."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            value = json.load(f)
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as error:
+        print(f"warning: ignoring {path}: {str(error).splitlines()[0] if str(error) else error}", file=sys.stderr)
+        return None
+    problem = None if isinstance(value, dict) else f"it holds {json_kind(value)}, not an object"
+    for name, kind in (fields or {}).items():
+        field = value.get(name) if problem is None else None
+        if problem is None and (not isinstance(field, kind) or isinstance(field, bool) and kind is not bool):
+            problem = f"its {name!r} is {json_kind(field)}"
+    if problem:
+        print(f"warning: ignoring {path}: {problem}", file=sys.stderr)
+        return None
+    return value
 
 
 def read_metrics(folder: str) -> list[dict]:
@@ -78,13 +97,13 @@ def existing(run: RunSpec, workdir: str, records: Sequence[str] = (),
     """
     total = run.config().train.total_steps
     for folder in [workdir, *(os.path.join(r, run.name) for r in records)]:
-        done = read_json(os.path.join(folder, "done.json"))
+        done = read_json(os.path.join(folder, "done.json"), DONE_FIELDS)
         if done and done.get("step") == total:
             where = "" if folder == workdir else f" (record in {folder})"
             log(f"{run.name}: finished earlier (step {total}), skipping{where}")
             return {**done, "record_dir": folder}
     failed_path = os.path.join(workdir, "failed.json")
-    failed = read_json(failed_path)
+    failed = read_json(failed_path, FAILED_FIELDS)
     if failed:
         log(f"{run.name}: diverged earlier ({failed['failed']}); delete {failed_path} to retry")
         return {**failed, "record_dir": workdir}
