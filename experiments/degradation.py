@@ -42,7 +42,7 @@ from absl import flags
 
 from . import runs
 from resnet_jax import cli
-from resnet_jax.errors import PREEMPTED_EXIT, UserError
+from resnet_jax.errors import UserError
 
 # He et al. 2015, Table 6 (CIFAR-10 test error, %; ResNet-110 best of 5 runs, mean 6.61 ± 0.16).
 # Plain nets have no table: plain-20 ~9.5 % and plain-56 ~13.5 % are read off Fig. 6 (left).
@@ -206,9 +206,8 @@ def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[in
     start = time.time()
     log(f"degradation: {schedule} schedule, depths {depths}, {seeds} seed(s), data {data or 'default'}, "
         f"{concurrent} at once")
-    outcome = runs.train_all([(run, os.path.join(workdir, run.name)) for run in planned], concurrent=concurrent,
-                             log=log, records_in=records, records_out=records[0] if records else None,
-                             budget_s=budget_s, calibration=calibrated)
+    outcome = runs.train_in(workdir, planned, concurrent=concurrent, calibration=calibrated, records_in=records,
+                            budget_s=budget_s, log=log)
     rows = [runs.result_row(run, outcome.done[run.name], os.path.join(workdir, run.name))
             for run in planned if run.name in outcome.done]
     if rows:
@@ -235,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  data=FLAGS.data, family=FLAGS.family, concurrent=FLAGS.concurrent, calibration=FLAGS.calibration,
                                  budget_s=FLAGS.budget_s, records=FLAGS.records or (),
                                  log=lambda line: print(line, flush=True))
-    if left:
-        print(f"left for the next invocation: {', '.join(left)}; run the same command again to continue", flush=True)
-        sys.exit(PREEMPTED_EXIT)
+    runs.exit_if_left(left)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from absl import flags
 
 from . import runs
 from resnet_jax import cli
-from resnet_jax.errors import PREEMPTED_EXIT, UserError
+from resnet_jax.errors import UserError
 
 # (row key, case, figure, overrides of config.model, paper test error at depth 110 / 164 (%)).
 SHORTCUT_ROWS = [
@@ -160,9 +160,8 @@ def run_experiment(workdir: str, *, table: str, schedule: str = "paper", depth: 
     machine_line = runs.machine_line(in_process=concurrent == 1)
     log(f"identity_mappings: {TABLES[table]} ({table}), depth {depth}, {schedule} schedule, {seeds} seed(s), "
         f"{concurrent} at once; {machine_line}")
-    outcome = runs.train_all([(run, os.path.join(workdir, run.name)) for run in planned], concurrent=concurrent,
-                             log=log, records_in=records, records_out=records[0] if records else None,
-                             budget_s=budget_s, calibration=calibrated)
+    outcome = runs.train_in(workdir, planned, concurrent=concurrent, calibration=calibrated, records_in=records,
+                            budget_s=budget_s, log=log)
     rows = [runs.result_row(run, outcome.done[run.name], os.path.join(workdir, run.name))
             for run in planned if run.name in outcome.done]
     minutes = (time.time() - start) / 60
@@ -196,9 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  seeds=FLAGS.seeds, data=FLAGS.data, concurrent=FLAGS.concurrent,
                                  calibration=FLAGS.calibration, budget_s=FLAGS.budget_s, records=FLAGS.records or (),
                                  log=lambda line: print(line, flush=True))
-    if left:
-        print(f"left for the next invocation: {', '.join(left)}; run the same command again to continue", flush=True)
-        sys.exit(PREEMPTED_EXIT)
+    runs.exit_if_left(left)
 
 
 if __name__ == "__main__":

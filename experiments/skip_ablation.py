@@ -49,7 +49,7 @@ from absl import flags
 
 from . import runs
 from resnet_jax import cli
-from resnet_jax.errors import PREEMPTED_EXIT, UserError
+from resnet_jax.errors import UserError
 
 STUDIES = ("shortcut", "zero_init", "bn", "gradient_flow")
 DEFAULT_DEPTH = {"paper": 56, "gpu_paper": 56, "gpu": 56, "short": 20, "smoke": 8}  # depth of the trained studies
@@ -323,9 +323,8 @@ def run_ablation(workdir: str, *, schedule: str = "paper", studies: Sequence[str
     trained = [s for s in studies if s in STUDY_VARIANTS]
     bn_devices, bn_note = bn_devices_plan(bn_devices) if "bn" in trained else (0, None)
     planned = plan([s for s in trained if s != "bn" or bn_devices], schedule, depth, seeds, data, bn_devices)
-    outcome = runs.train_all([(run, os.path.join(workdir, run.name)) for run in planned], concurrent=concurrent,
-                             log=log, records_in=records, records_out=records[0] if records else None,
-                             budget_s=budget_s, calibration=calibrated)
+    outcome = runs.train_in(workdir, planned, concurrent=concurrent, calibration=calibrated, records_in=records,
+                            budget_s=budget_s, log=log)
     rows = []
     for run in [r for r in planned if r.name in outcome.done]:
         run_dir = os.path.join(workdir, run.name)
@@ -398,9 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             concurrent=FLAGS.concurrent, calibration=FLAGS.calibration, budget_s=FLAGS.budget_s,
             records=FLAGS.records or (), command=runs.command_line("experiments.skip_ablation", argv),
             log=lambda line: print(line, flush=True))
-    if left:
-        print(f"left for the next invocation: {', '.join(left)}; run the same command again to continue", flush=True)
-        sys.exit(PREEMPTED_EXIT)
+    runs.exit_if_left(left)
 
 
 if __name__ == "__main__":

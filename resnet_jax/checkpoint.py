@@ -78,6 +78,19 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+def _state_args(abstract_state: Any) -> ocp.args.Composite:
+    """What a whole TrainState is saved as: the variables, the optimiser, the meta."""
+    return ocp.args.Composite(
+        variables=ocp.args.StandardRestore({"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}),
+        optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+        meta=ocp.args.JsonRestore())
+
+
+def _as_state(abstract_state: Any, restored: Any, step: int) -> tuple[Any, dict, int]:
+    """(TrainState, meta, step) from what `_state_args` restored."""
+    return abstract_state.replace(**restored.variables, **restored.optimizer), dict(restored.meta), step
+
+
 class Checkpoints:
     """Save and restore a run's state (global, replicated jax.Arrays) and JSON metadata."""
 
@@ -151,17 +164,8 @@ class Checkpoints:
         Raises:
           UserError: checkpoints exist but none can be read.
         """
-        args = ocp.args.Composite(
-            variables=ocp.args.StandardRestore({"params": abstract_state.params,
-                                                "batch_stats": abstract_state.batch_stats}),
-            optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-            meta=ocp.args.JsonRestore())
-        found = self._restore(args, step)
-        if found is None:
-            return None
-        restored, candidate = found
-        state = abstract_state.replace(**restored.variables, **restored.optimizer)
-        return state, restored.meta, candidate
+        found = self._restore(_state_args(abstract_state), step)
+        return None if found is None else _as_state(abstract_state, *found)
 
     def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
         """Restores only {"params", "batch_stats"} (no optimiser state) and meta. For reading
@@ -308,16 +312,8 @@ class CheckpointReader:
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
         """The whole TrainState (optimiser too) and meta of `step`, or of the newest readable."""
-        args = ocp.args.Composite(
-            variables=ocp.args.StandardRestore({"params": abstract_state.params,
-                                                "batch_stats": abstract_state.batch_stats}),
-            optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-            meta=ocp.args.JsonRestore())
-        found = self._restore(args, step)
-        if found is None:
-            return None
-        restored, candidate = found
-        return abstract_state.replace(**restored.variables, **restored.optimizer), dict(restored.meta), candidate
+        found = self._restore(_state_args(abstract_state), step)
+        return None if found is None else _as_state(abstract_state, *found)
 
     def _restore(self, args, step: int | None):
         steps = self.steps()

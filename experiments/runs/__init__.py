@@ -12,7 +12,7 @@
 The names most experiments use are re-exported here (`runs.make_run`, `runs.result_row`, ...).
 """
 
-from .launch import Outcome, sharing, train_all
+from .launch import Outcome, exit_if_left, sharing, train_all, train_in
 from .machine import card
 from .planner import Calibration
 from .records import (DONE_FIELDS, existing, finish, last_evaluation, read_json, run_or_skip, write_json)

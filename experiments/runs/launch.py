@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from resnet_jax.errors import NonFinite, Preempted, UserError
+from resnet_jax.errors import PREEMPTED_EXIT, NonFinite, Preempted, UserError
 
 from . import gpu_share, machine, planner, records, supervise
 from . import spec as spec_lib
@@ -119,6 +119,22 @@ def train_all(runs: Sequence[tuple[RunSpec, str]], *, concurrent: int | str = 1,
         _train_children(todo, len(runs), outcome, k, use_mps, log, records_out, end, logs_dir, cache_dir,
                         grace_s, cwd, stop_when)
     return _ordered(outcome, runs)
+
+
+def train_in(workdir: str, planned: Sequence[RunSpec], *, concurrent: int | str, calibration: planner.Calibration | None,
+             records_in: Sequence[str], budget_s: float, log: Callable[[str], None]) -> Outcome:
+    """`train_all` for an experiment's folder: each run in WORKDIR/<run name>; records found
+    in `records_in` skip their run, and new ones are copied into the first of them."""
+    return train_all([(run, os.path.join(workdir, run.name)) for run in planned], concurrent=concurrent, log=log,
+                     records_in=records_in, records_out=records_in[0] if records_in else None, budget_s=budget_s,
+                     calibration=calibration)
+
+
+def exit_if_left(left: dict[str, str]) -> None:
+    """Exits 3 (as a preempted run does) naming the runs left for the next invocation."""
+    if left:
+        print(f"left for the next invocation: {', '.join(left)}; run the same command again to continue", flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 def _ordered(outcome: Outcome, runs: Sequence[tuple[RunSpec, str]]) -> Outcome:
