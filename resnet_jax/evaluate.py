@@ -226,7 +226,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
         dataset ("train[:1000]").
       checkpoint: "best" (the step recorded as best; the latest if none), "latest" (the
         newest readable checkpoint) or a step number.
-      out_dir: where to write; default `workdir/report`.
+      out_dir: where to write; default `workdir/report` (refused while a run trains there).
 
     Returns:
       The contents of metrics.json: `metrics.classification_report` (loss, accuracy, error,
@@ -236,9 +236,14 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
       "model", "dataset", "workdir", "devices", "evaluated_at" and "files".
 
     Raises:
-      UserError: no run, no checkpoint, an unknown split or step.
+      UserError: no run, no checkpoint, an unknown split or step; no `out_dir` while a
+        run is training in `workdir`.
     """
     workdir = os.path.expanduser(workdir)
+    holder = None if out_dir else rundir.live_holder(workdir)
+    if holder:  # a reader never writes into a workdir that a run is training in
+        raise UserError(f"{workdir} is in use by {holder} (a run is training there): evaluate writes nothing "
+                        "into it; pass --out_dir=DIR for the report, or evaluate once the run has ended")
     config = rundir.load_config(workdir)
     which = rundir.parse_checkpoint(checkpoint)
     rundir.check_checkpoint(workdir, which)  # before the split, which is slower to check

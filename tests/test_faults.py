@@ -389,3 +389,19 @@ def test_readers_beside_a_live_run_read_complete_checkpoints_and_change_nothing(
                                         "try again after its next checkpoint"):
         evaluate.report(str(workdir), "test", "latest", str(tmp_path / "none"))
     assert sorted(os.listdir(workdir)) == before  # nothing set aside by a reader
+
+
+def test_evaluate_writes_no_report_into_a_live_runs_workdir(tmp_path):
+    """Beside a training run, `evaluate` without --out_dir is one error and the workdir gains
+    nothing (its default report/ would be created inside the live run's folder)."""
+    import socket
+
+    from resnet_jax import evaluate
+
+    workdir = tmp_path / "live"
+    workdir.mkdir()
+    (workdir / rundir.LOCK_FILE).write_text(f"{os.getpid()} {socket.gethostname()}")  # this process: alive
+    before = sorted(os.listdir(workdir))
+    with pytest.raises(UserError, match=r"is in use by process \d+ on .*pass --out_dir=DIR"):
+        evaluate.report(str(workdir))
+    assert sorted(os.listdir(workdir)) == before
