@@ -115,7 +115,7 @@ def write_table(path: str, rows: list[dict], table: str, depth: int, schedule: s
            f"over the last 10 % of steps. Paper: ResNet-{paper_depth}'s CIFAR-10 test error in {TABLES[table]} of "
            "arXiv 1603.05027 (\"fail\": above 20 %). Noise of one error rate measured on n test images: ± two "
            "binomial standard errors, given per row.", ""]
-    header = ["case", "Fig.", "seeds", "steps", "train error %", f"{headline} error %", f"noise ± (n)",
+    header = ["case", "Fig.", "seeds", "steps", "train error %", f"{headline} error %", "noise ± (n)",
               f"paper error % (ResNet-{paper_depth})"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in dict.fromkeys(r["row"] for r in rows):

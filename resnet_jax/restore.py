@@ -89,7 +89,7 @@ def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sh
     workdir = os.path.expanduser(workdir)
     config = rundir.load_config(workdir)  # UserError for a missing workdir or config.json
     which = rundir.parse_checkpoint(checkpoint)
-    saved = rundir.check_checkpoint(workdir, which)
+    rundir.check_checkpoint(workdir, which)  # no run or no such step: one error before any reading
     directory = rundir.checkpoint_dir(workdir)
     target_sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # Read-only and safe beside a run training in `workdir` this moment: complete steps only,
