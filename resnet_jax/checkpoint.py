@@ -42,6 +42,11 @@ def _is_number(value: Any) -> bool:
     return type(value) in (int, float)
 
 
+def _is_numbers(value: Any) -> bool:
+    """A non-empty list of numbers, or of such lists: per_pixel_mean's mean is [H][W][C]."""
+    return isinstance(value, list) and bool(value) and all(_is_number(v) or _is_numbers(v) for v in value)
+
+
 def meta_problem(meta: Any) -> str | None:
     """What is wrong with a checkpoint's meta item (JSON the trainer wrote), or None.
 
@@ -62,7 +67,7 @@ def meta_problem(meta: Any) -> str | None:
         return f"its meta's image_shape is {shape!r:.60}, not [height, width, channels]"
     norm = meta.get("normalization")
     if norm is not None and not (isinstance(norm, dict) and all(
-            isinstance(norm.get(k), list) and norm[k] and all(map(_is_number, norm[k])) for k in ("mean", "std"))):
+            _is_numbers(norm.get(k)) for k in ("mean", "std"))):
         return f"its meta's normalization is {norm!r:.60}, not {{\"mean\": [...], \"std\": [...]}}"
     return None
 
