@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from configs import cifar
 from helpers import read_jsonl, restore_state, tiny_config, tree_equal
-from resnet_jax import convert, ema, evaluate, steps, train
+from resnet_jax import convert, ema, evaluate, reporting, steps, train
 from resnet_jax.data import device as device_data
 from resnet_jax.data import sources
 
@@ -188,3 +188,14 @@ def test_evaluate_ema_weights_reports_the_ema(runs, tmp_path):
     expected = convert.to_state_dict(state.ema["params"], state.ema["batch_stats"], done["format"], batches_tracked=8)
     assert done["weights"] == "ema" and written.keys() == expected.keys()
     assert all(np.array_equal(written[k], expected[k]) for k in expected)
+
+
+def test_the_eval_line_and_record_carry_the_ema(tmp_path, capsys):
+    reporter = reporting.Reporter(str(tmp_path), total_steps=100, start_step=0, progress=False)
+    result = {"loss": 0.3, "error": 0.0981, "top5_error": 0.0042, "examples": 10_000, "ema_loss": 0.25,
+              "ema_error": 0.0912, "ema_top5_error": 0.004}
+    reporter.evaluated(50, {"test": result}, 50, 0.0981, "test")
+    reporter.close()
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "eval step 50: test err 9.81 % (top-5 0.42 %), EMA 9.12 %, best 9.81 % @ 50"
+    assert reporting.read_metrics(str(tmp_path)) == [{"step": 50, "split": "test", **result}]
