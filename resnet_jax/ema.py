@@ -37,7 +37,7 @@ def step_size_schedule(train: ml_collections.ConfigDict) -> Callable[[jax.Array]
 
     So the first update copies the weights. This returns 1 - decay, computed as
     (1 + step / gamma) ** -power rather than as 1 minus a decay near 1 in float32, which
-    would lose most of its digits (1 - float32(0.9999) is 1.0000e-4 off by 2e-5 relative).
+    would lose digits (1 - float32(0.9999) is 1.00017e-4: 1.7e-4 off, relative).
     """
     decay, gamma, power = train.ema_decay, train.ema_warmup_gamma, train.ema_warmup_power
     floor = 1.0 - decay  # in float64 on the host, then one rounding to float32
