@@ -67,13 +67,15 @@ def cutmix_box(lam: jax.Array, center_y: jax.Array, center_x: jax.Array, height:
 
 def draw(key: jax.Array, data: ml_collections.ConfigDict, height: int, width: int) -> Mix:
     """timm's `Mixup._params_per_batch`, and the CutMix box, from `key`."""
-    apply_key, switch_key, mixup_key, cutmix_key, y_key, x_key = jax.random.split(key, 6)
+    apply_key, switch_key, beta_key, y_key, x_key = jax.random.split(key, 5)
     if data.mixup_alpha > 0 and data.cutmix_alpha > 0:
         cutmix = jax.random.uniform(switch_key) < data.mix_switch_prob
     else:
         cutmix = jnp.asarray(data.cutmix_alpha > 0)
-    beta = lambda k, alpha: jax.random.beta(k, alpha, alpha) if alpha > 0 else jnp.float32(1.0)
-    lam_mixup, lam_cutmix = beta(mixup_key, data.mixup_alpha), beta(cutmix_key, data.cutmix_alpha)
+    # Both lambdas in one draw (an alpha of 0 is never used: 1 stands in): Beta's sampler is a
+    # rejection loop that XLA takes seconds to compile, once rather than twice.
+    alphas = jnp.asarray([data.mixup_alpha or 1.0, data.cutmix_alpha or 1.0], jnp.float32)
+    lam_mixup, lam_cutmix = jax.random.beta(beta_key, alphas, alphas)
     center_y, center_x = jax.random.randint(y_key, (), 0, height), jax.random.randint(x_key, (), 0, width)
     box, lam_box = cutmix_box(lam_cutmix, center_y, center_x, height, width)
     lam = jnp.where(cutmix, lam_box, lam_mixup)
