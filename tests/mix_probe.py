@@ -16,7 +16,8 @@ from resnet_jax.parallel import Parallel
 
 MIXING = {"data.mixup_alpha": 1.0, "data.cutmix_alpha": 1.0}
 # Two steps, as tests/test_parallel.py compares device counts; no evaluation (not compared).
-TWO_STEPS = {**MIXING, "train.total_steps": 2, "train.log_every": 1, "train.checkpoint_every": 2, "data.eval_splits": ""}
+TWO_STEPS = {**MIXING, "train.total_steps": 2, "train.log_every": 1, "train.checkpoint_every": 2,
+             "data.eval_splits": ""}
 KEYS = 8  # batches mixed with keys 0..7: Mixup and CutMix both among them
 
 
