@@ -19,13 +19,14 @@ from resnet_jax import config as config_lib
 from resnet_jax import ema as ema_lib
 from resnet_jax import optim, restore, rundir, steps
 from resnet_jax.checkpoint import Checkpoints, abstract_like
-from resnet_jax.data import pipeline
+from resnet_jax.data import mix, pipeline
 from resnet_jax.errors import NonFinite, Preempted  # raised here: callers may catch them as train.X
 from resnet_jax.parallel import AXIS, Parallel
 from resnet_jax.reporting import Reporter
 from resnet_jax.steps import TrainState, build_model, create_train_state
 
 DEPTH_STREAM = 2**31 - 1  # folded into a step's dropout key for stochastic depth; never a device index
+MIX_STREAM = 2**31 - 2  # ... and for Mixup/CutMix (the same on every device); never a device index
 
 class Trainer:
     """What `train_and_evaluate` sets up once: data, model, optimiser, the mapped steps."""
@@ -43,6 +44,7 @@ class Trainer:
         self.ema_step_size = ema_lib.step_size_schedule(config.train) if self.with_ema else None
         self.model = build_model(config, AXIS if config.model.bn_sync else None)
         self.eval_model = build_model(config)
+        self.example_loss = steps.training_loss_of(config)
         # Chunks of steps_per_dispatch steps, capped at an epoch (a chunk crosses at most one
         # epoch boundary; see DevicePipeline).
         self.steps_per_dispatch = min(
@@ -57,12 +59,17 @@ class Trainer:
     def step_and_accumulate(self, state: TrainState, batch: dict, acc: dict):
         """The per-device step the pipelines run: keys from (seed, step), metrics summed."""
         _, dropout_key = pipeline.step_keys(self.config.train.seed, state.step)
-        # Stochastic depth drops a block for the global batch: its key is the same on every device.
+        # Stochastic depth drops a block for the global batch, and mixing draws one lambda and box
+        # for it: their keys are the same on every device.
         depth_key = jax.random.fold_in(dropout_key, DEPTH_STREAM)
+        if config_lib.mixing_enabled(self.config.data):
+            batch = mix.mix_batch(batch, jax.random.fold_in(dropout_key, MIX_STREAM), self.config.data,
+                                  self.config.data.num_classes)
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
         new_state, metrics = steps.train_step(state, batch, dropout_key, model=self.model, tx=self.tx,
                                               bn_sync=self.config.model.bn_sync, depth_key=depth_key,
-                                              ema_step_size=self.ema_step_size)
+                                              ema_step_size=self.ema_step_size,
+                                              example_loss=self.example_loss)
         return new_state, steps.accumulate(acc, metrics, state.step)
 
     def evaluate_step(self, state: TrainState, batch: dict) -> dict:
@@ -165,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        + (f"resuming at step {step}" if restored else
                           f"from {config.train.init_from}" if config.train.init_from else "from scratch"))
         reporter.started(workdir, checkpoints.directory)
-        for line in notes + data.start_notes():
+        recipe = [line for line in (steps.describe_loss(config), mix.describe(config.data)) if line]
+        for line in recipe + notes + data.start_notes():
             reporter.print(line)
         # Weights not trained here (imported, or fine-tuning's start) are evaluated first.
         evaluate_first = step == 0 and (restored or bool(config.train.init_from)) and meta.best_step is None

@@ -25,7 +25,7 @@ LAYERS = [
     ["steps"],
     ["restore"],
     ["data"],
-    ["data.augment", "data.sources", "data.cifar_npz"],
+    ["data.augment", "data.sources", "data.cifar_npz", "data.mix"],
     ["data.device", "data.stream"],
     ["data.pipeline"],
     ["reporting", "figures"],
