@@ -90,6 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
     # the output on each side (faster; pixels differ slightly, see data/stream.py); False:
     # always a full decode.
     data.jpeg_draft = True
+    # stream pipeline: resize the crop with torchvision's antialiased bilinear (Pillow); False:
+    # tf.data's bilinear without antialiasing (OpenCV; cheaper, blurs less, aliases when
+    # shrinking; see docs/stream_input.md).
+    data.resize_antialias = True
     data.shuffle_buffer = 0
 
     config.train = train = ml_collections.ConfigDict()
