@@ -40,7 +40,7 @@ DEFERRED = {
     "grain": "streaming workers", "resnet_jax.data.stream": "grain",
     "matplotlib": "plots", "resnet_jax.figures": "matplotlib",
     "tensorflow_datasets": "TensorFlow", "tensorboardX": "protobuf", "sklearn": "digits loader",
-    "torch": "reference runs", "cv2": "OpenCV, only for the resize without antialiasing",
+    "torch": "reference runs",
 }
 
 

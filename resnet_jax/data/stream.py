@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+import cv2
 import grain
 from absl import flags
 import numpy as np
@@ -44,6 +45,7 @@ IMAGENET_MEAN = np.array(data_constants.IMAGENET_MEAN, np.float32)
 IMAGENET_STD = np.array(data_constants.IMAGENET_STD, np.float32)
 NORMALIZATIONS = ("imagenet", "none")
 _INFINITE = sys.maxsize  # grain's range needs a stop; training never reaches it
+cv2.setNumThreads(1)  # OpenCV's own threads would only contend: the workers are the parallelism
 
 
 def _open(name: str, split: str, data_dir: str):
@@ -187,16 +189,7 @@ def crop_resize(pixels: np.ndarray, box: tuple[float, float, float, float], size
         return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR, box=box))
     left, top, right, bottom = (round(v) for v in box)
     crop = pixels[top:max(bottom, top + 1), left:max(right, left + 1)]
-    return _opencv().resize(crop, (size, size), interpolation=_opencv().INTER_LINEAR)
-
-
-def _opencv():
-    """cv2, one thread: the stream's parallelism is its worker processes."""
-    import cv2  # pylint: disable=import-outside-toplevel  # ~0.2 s; only for antialias=False
-
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
-    return cv2
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def host_normalize(pixels: np.ndarray, mask: np.ndarray, normalization_name: str) -> np.ndarray:
@@ -253,7 +246,7 @@ class _LoadBatch:
         pixels, box = decode(raw, self.box_of(rng), self.size, self.draft)
         image = crop_resize(pixels, box, self.size, self.antialias)
         if rng is not None and self.flip and rng.random() < 0.5:
-            image = image[:, ::-1]  # a view: the batch's row assignment copies it
+            image = cv2.flip(image, 1)  # 0.03 ms; copying numpy's reversed view costs 0.5
         return image
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
