@@ -14,8 +14,8 @@ from resnet_jax.errors import UserError
 SOURCES = ("tfds", "npz", "digits", "synthetic")
 PIPELINES = ("device", "stream")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel", "imagenet", "none")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("multistep", "step", "cosine", "triangular", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adam", "lars", "lamb")
+SCHEDULES = ("multistep", "step", "cosine", "linear", "triangular", "onecycle", "constant")
 WARMUPS = ("linear", "constant")
 BOUNDARY_UNITS = ("fraction", "steps", "epochs")
 BACKENDS = ("shard_map", "pmap")
@@ -116,14 +116,25 @@ def default_config() -> ml_collections.ConfigDict:
     # BN statistics where their shapes fit this model; the rest (a new head) is initialised.
     train.init_from = ""
     train.progress = True
+    # Weight EMA (Polyak averaging) of the params and BN statistics, evaluated beside the raw
+    # weights (metrics.jsonl's ema_* keys) and kept in the checkpoints; 0 = off. timm's
+    # ModelEmaV3: the first update copies the weights, then ema = d * ema + (1 - d) * weights.
+    train.ema_decay = 0.0
+    # timm's warm-up: d = min(ema_decay, 1 - (1 + n / gamma) ** -power) at the n-th update after
+    # the first; gamma 1 and power 2/3 reach 0.999 at 31.6k updates (3/4: at 10k).
+    train.ema_warmup = False
+    train.ema_warmup_gamma = 1.0
+    train.ema_warmup_power = 2 / 3
 
     config.optim = optim = ml_collections.ConfigDict()
-    optim.name = "sgd"  # sgd | adam
+    # sgd | adam (after coupled L2 decay) | lars | lamb (their own decay, inside the trust ratio)
+    optim.name = "sgd"
     optim.lr = 0.1
-    optim.momentum = 0.9
-    optim.nesterov = False
-    optim.weight_decay = 1e-4  # coupled L2 term, as in the paper
+    optim.momentum = 0.9  # sgd and lars
+    optim.nesterov = False  # sgd and lars
+    optim.weight_decay = 1e-4  # sgd, adam: a coupled L2 term, as in the paper; lars, lamb: their own
     optim.decay_bn_and_bias = True  # False leaves BN scales/biases and biases undecayed
+    optim.trust_coefficient = 0.001  # lars: eta of You et al. 2017 (optax's default)
     optim.schedule = "multistep"
     # multistep: where lr is multiplied by decay_factor, in boundaries_unit: "fraction" of
     # train.total_steps (so a shortened run keeps the recipe's shape), "steps" or "epochs".
@@ -131,7 +142,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.boundaries_unit = "fraction"
     optim.decay_factor = 0.1
     optim.step_every_epochs = 30  # step schedule
-    optim.min_lr = 0.0  # cosine floor; lower end of the cyclical schedules
+    optim.min_lr = 0.0  # cosine and linear floor; lower end of the cyclical schedules
     optim.cycle_steps = 2000  # triangular: steps per full cycle
     optim.warmup_steps = 0
     optim.warmup_epochs = 0.0  # the warm-up in epochs instead (warmup_steps=0)
@@ -201,6 +212,25 @@ def _check_model_options(model: ml_collections.ConfigDict) -> None:
         raise UserError(f"model.stochastic_depth_mode={model.stochastic_depth_mode} needs model.stochastic_depth > 0")
 
 
+def _check_optim_and_ema(optim: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> None:
+    """The optimiser's and the weight EMA's fields: in range, and none set that nothing reads."""
+    defaults = default_config()
+    if optim.nesterov and optim.name not in ("sgd", "lars"):
+        raise UserError(f"optim.nesterov=True is only read by optim.name=sgd|lars, not {optim.name}")
+    if optim.trust_coefficient != defaults.optim.trust_coefficient and optim.name != "lars":
+        raise UserError(f"optim.trust_coefficient={optim.trust_coefficient} is only read by optim.name=lars, "
+                        f"not {optim.name}")
+    _positive(optim.trust_coefficient, "optim.trust_coefficient")
+    if not 0 <= train.ema_decay < 1:
+        raise UserError(f"train.ema_decay must be in [0, 1) (0 = no weight EMA; e.g. 0.9999), got {train.ema_decay}")
+    if train.ema_warmup and not train.ema_decay:
+        raise UserError("train.ema_warmup=True needs train.ema_decay > 0 (the decay it warms up to)")
+    for field in ("ema_warmup_gamma", "ema_warmup_power"):
+        if train[field] != defaults.train[field] and not train.ema_warmup:
+            raise UserError(f"train.{field}={train[field]} is only read with train.ema_warmup=True")
+        _positive(train[field], f"train.{field}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises UserError (one clear line) for anything that would fail later."""
     model, data, train, optim = config.model, config.data, config.train, config.optim
@@ -218,6 +248,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice(data.pipeline, PIPELINES, "data.pipeline")
     _choice(data.normalization, NORMALIZATIONS, "data.normalization")
     _choice(optim.name, OPTIMIZERS, "optim.name")
+    _check_optim_and_ema(optim, train)
     _choice(optim.schedule, SCHEDULES, "optim.schedule")
     _choice(optim.warmup, WARMUPS, "optim.warmup")
     _choice(optim.boundaries_unit, BOUNDARY_UNITS, "optim.boundaries_unit")

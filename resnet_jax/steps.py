@@ -6,6 +6,7 @@ axis (`axis_name=None`: one device, no collectives); resnet_jax.parallel maps th
 every device and the data pipeline feeds them.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 
 from resnet_jax import config as config_lib
+from resnet_jax import ema as ema_lib
 from resnet_jax import metrics as metrics_lib
 from resnet_jax import models
 from resnet_jax.parallel import AXIS
@@ -28,6 +30,11 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
+    ema: Any = None  # the weight EMA, {"params", "batch_stats"} (resnet_jax.ema); None: off, no leaves
+
+    def ema_weights(self) -> "TrainState":
+        """This state with the EMA as its params and BN statistics: what evaluation runs."""
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
 
 
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> models.ResNet:
@@ -41,11 +48,13 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
 
 
 def create_train_state(model: models.ResNet, tx: optax.GradientTransformation, seed: int,
-                       image_shape: tuple[int, ...]) -> TrainState:
-    """Fresh parameters (from `seed`), BN statistics and optimiser state."""
+                       image_shape: tuple[int, ...], with_ema: bool = False) -> TrainState:
+    """Fresh parameters (from `seed`), BN statistics and optimiser state; `with_ema`: and
+    their weight EMA (a copy of them)."""
     variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], tx.init(params))
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
+                      ema_lib.initial(params, batch_stats) if with_ema else None)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> dict:
@@ -84,12 +93,15 @@ def loss_and_grads(params: Any, batch_stats: Any, batch: dict, dropout_key: jax.
 
 
 def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model, tx, bn_sync: bool,
-               axis_name: str | None = AXIS, depth_key: jax.Array | None = None):
+               axis_name: str | None = AXIS, depth_key: jax.Array | None = None,
+               ema_step_size: Callable[[jax.Array], jax.Array] | None = None):
     """One SGD step on this device's part of the batch; gradients averaged over `axis_name`.
 
     With sync BN the model normalises over the global batch itself (its BN layers pmean
     their statistics); otherwise each device normalises alone, like the paper's per-GPU BN,
     and the running statistics are averaged here so every replica holds the same state.
+    A state with a weight EMA moves it towards the new (replicated) weights by
+    `ema_step_size(updates made)` (resnet_jax.ema).
 
     Returns:
       The new state, and the step's metrics over the global batch: a dict whose every entry
@@ -108,7 +120,10 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
         "error": 1.0 - mean(jnp.mean(jnp.argmax(logits, -1) == batch["label"])),
         "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
     }
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+    ema = state.ema if state.ema is None else ema_lib.update(state.ema, params, batch_stats,
+                                                             ema_step_size(state.step + 1))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                         ema=ema), metrics
 
 
 def eval_step(state: TrainState, batch: dict, *, model) -> dict:

@@ -20,7 +20,7 @@ LAYERS = [
     ["models.resnet"],
     ["models", "parallel", "torch_files"],
     ["config"],
-    ["optim", "metrics", "checkpoint"],
+    ["optim", "metrics", "checkpoint", "ema"],
     ["rundir"],
     ["steps"],
     ["restore"],
