@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
     # the output on each side (faster; pixels differ slightly, see data/stream.py); False:
     # always a full decode.
     data.jpeg_draft = True
+    # stream pipeline: resize the crop with torchvision's antialiased bilinear (Pillow); False:
+    # tf.data's bilinear without antialiasing (OpenCV; cheaper, blurs less, aliases when
+    # shrinking; see docs/stream_input.md).
+    data.resize_antialias = True
     data.shuffle_buffer = 0
     # Mixup / CutMix (timm's Mixup, "batch" mode: one lambda per batch, inside the train step;
     # resnet_jax/data/mix.py): Beta(alpha, alpha), 0 = off. mix_prob: the share of batches

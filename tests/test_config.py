@@ -201,8 +201,8 @@ def test_defaults_are_the_paper_recipe():
 DEFAULTS = {
     "data": {"crop_padding": 4, "data_dir": "", "eval_resize": 256, "eval_splits": "test=test", "flip": True,
              "float_image_max": 0.0, "image_size": 32, "jpeg_draft": True, "name": "cifar10", "normalization": "per_pixel_mean",
-             "num_classes": 10, "path": "", "pipeline": "device", "shuffle_buffer": 0, "source": "tfds",
-             "synthetic_examples": 2048, "train_split": "train", "workers": 0,
+             "num_classes": 10, "path": "", "pipeline": "device", "resize_antialias": True, "shuffle_buffer": 0,
+             "source": "tfds", "synthetic_examples": 2048, "train_split": "train", "workers": 0,
              "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5},
     "model": {"activation_order": "", "bn_sync": True, "bottleneck_stride": "v1.5", "dropout_rate": 0.0,
               "dtype": "float32", "family": "", "gate_bias": -6.0, "name": "resnet20", "scale_on": "shortcut",
