@@ -87,6 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
     data.synthetic_examples = 2048
     data.workers = 0  # stream pipeline: grain worker processes (0 = in the main process)
     data.eval_resize = 256  # stream pipeline: shorter side before the center crop
+    # Stream pipeline: the center crop's size at evaluation; 0 = image_size. Larger than
+    # image_size trains small and tests large (Touvron et al.'s "FixRes" effect; timm's and
+    # FFCV's recipes do): the nets pool globally, so any size runs.
+    data.eval_image_size = 0
     # stream pipeline: decode a JPEG at 1/2, 1/4 or 1/8 scale when its crop is that many times
     # the output on each side (faster; pixels differ slightly, see data/stream.py); False:
     # always a full decode.
@@ -299,6 +303,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _positive(train[field], f"train.{field}")
     for field in ("num_classes", "image_size"):
         _positive(data[field], f"data.{field}")
+    if data.eval_image_size < 0:
+        raise UserError(f"data.eval_image_size must be >= 0 (0 = data.image_size), got {data.eval_image_size}")
+    if data.eval_image_size and data.pipeline != "stream":
+        raise UserError(f"data.eval_image_size={data.eval_image_size} is read by data.pipeline=stream only; the "
+                        f"{data.pipeline} pipeline evaluates at data.image_size")
     _positive(optim.lr, "optim.lr")
     if not 0 <= model.dropout_rate < 1:
         raise UserError(f"model.dropout_rate must be in [0, 1), got {model.dropout_rate}")

@@ -199,7 +199,7 @@ def test_defaults_are_the_paper_recipe():
 # A change here is a change of behaviour for every recipe that does not set the field: make
 # it deliberately, and update this table with it.
 DEFAULTS = {
-    "data": {"crop_padding": 4, "data_dir": "", "eval_resize": 256, "eval_splits": "test=test", "flip": True,
+    "data": {"crop_padding": 4, "data_dir": "", "eval_image_size": 0, "eval_resize": 256, "eval_splits": "test=test", "flip": True,
              "float_image_max": 0.0, "image_size": 32, "jpeg_draft": True, "name": "cifar10", "normalization": "per_pixel_mean",
              "num_classes": 10, "path": "", "pipeline": "device", "resize_antialias": True, "shuffle_buffer": 0,
              "source": "tfds", "synthetic_examples": 2048, "train_split": "train", "workers": 0,

@@ -365,12 +365,13 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
     """This host's share of a TFDS split as an iterator of batches (see the module docstring).
 
     Args:
-      config: the whole config; reads data.name, data_dir, image_size, eval_resize, flip,
+      config: the whole config; reads data.name, data_dir, image_size, eval_image_size, eval_resize, flip,
         jpeg_draft, resize_antialias, workers and normalization (checked here; applied by the
         pipeline on the device: "imagenet": ImageNet mean/std; "none": scale to [0, 1]).
       split: TFDS split, slicing allowed ("train[:10%]").
       train: True: endless, reshuffled every epoch, random crop + flip. False: one pass in
-        order, shorter side to eval_resize, center crop, last batch padded (mask 0).
+        order, shorter side to eval_resize, center crop (eval_image_size, or image_size), last
+        batch padded (mask 0).
       global_batch_size: batch over all hosts; must divide by process_count.
       seed: data order and augmentation seed (non-negative).
       process_index: this host (jax.process_index()).
@@ -389,15 +390,17 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
         raise UserError(f"batch size {global_batch_size} does not divide over {process_count} hosts")
     if not 0 <= process_index < process_count or seed < 0:
         raise ValueError(f"bad process_index={process_index}/{process_count} or seed={seed}")
-    if data.eval_resize < data.image_size:
-        raise UserError(f"data.eval_resize={data.eval_resize} is below data.image_size={data.image_size}")
+    size = data.image_size if train else (data.eval_image_size or data.image_size)
+    if data.eval_resize < (data.eval_image_size or data.image_size):
+        field = "data.eval_image_size" if data.eval_image_size else "data.image_size"
+        raise UserError(f"data.eval_resize={data.eval_resize} is below {field}={data.eval_image_size or data.image_size}")
     source = _open(data.name, split, data.data_dir)
     n = len(source)
     if train and n < global_batch_size:
         raise UserError(f"split {split!r} has {n} examples, fewer than one batch of {global_batch_size}")
     load = _LoadBatch(source, train=train, num_examples=n, global_batch=global_batch_size,
                       local_batch=global_batch_size // process_count, process_index=process_index,
-                      seed=seed, image_size=data.image_size, eval_resize=data.eval_resize,
+                      seed=seed, image_size=size, eval_resize=data.eval_resize,
                       flip=data.flip, draft=data.jpeg_draft, antialias=data.resize_antialias,
                       extra_keys=extra_keys)
     identity = {"dataset": data.name, "split": split, "train": train, "num_examples": n,
