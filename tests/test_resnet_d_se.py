@@ -314,7 +314,8 @@ def _block(cls, se_ratio, **kwargs):
 @pytest.mark.parametrize("cls", [blocks.BasicBlock, blocks.Bottleneck])
 def test_se_with_its_gate_at_one_is_the_block_without_it(cls):
     """A bias of 1e4 on fc2 makes sigmoid exactly 1: the SE block is, bit for bit, the block
-    without SE given the same weights; at its initial bias (0) it is not."""
+    without SE given the same weights; at its initial bias (0) it is not. At -1e4 the gate is 0
+    and the block is ReLU(its shortcut): the SE sits after F's last BN, before the addition."""
     x = np.random.default_rng(3).normal(size=(2, 7, 7, 8)).astype(np.float32)
     variables = init_random(_block(cls, 1 / 16), x)
     params = jax.tree.map(lambda v: v, variables["params"])
@@ -328,6 +329,11 @@ def test_se_with_its_gate_at_one_is_the_block_without_it(cls):
     np.testing.assert_array_equal(gated_open, expected)
     assert gated_open.shape == (2, 4, 4, 8 * cls.expansion)  # ceil(7 / 2): pool and branch agree
     assert not np.allclose(np.asarray(with_se(variables, x)), expected, atol=1e-3)
+    params["se"]["fc2"]["bias"] = jnp.full_like(params["se"]["fc2"]["bias"], -1e4)
+    shortcut = jax.jit(Shortcut(out_channels=8 * cls.expansion).apply)(
+        {"params": {k: params[k] for k in ("pooled_proj_conv", "pooled_proj_bn")},
+         "batch_stats": {"pooled_proj_bn": variables["batch_stats"]["pooled_proj_bn"]}}, x)
+    np.testing.assert_array_equal(with_se({**variables, "params": params}, x), jax.nn.relu(shortcut))
 
 
 # ---------------------------------------------------------------------------------------
