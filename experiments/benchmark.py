@@ -47,7 +47,7 @@ flags.DEFINE_string("npz", "", "device: train on this .npz (e.g. CIFAR-10) inste
 flags.DEFINE_string("tfds_name", "", "stream: a prepared TFDS dataset to decode.", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", "", "stream: TFDS data_dir.", flag_values=FLAGS)
 flags.DEFINE_integer("workers", 1, "stream: grain worker processes.", flag_values=FLAGS)
-flags.DEFINE_integer("rounds", 3, "stream: interleaved rounds of before / now / tf.data.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "stream: interleaved rounds of before / now / now without antialiasing / tf.data.", flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.", flag_values=FLAGS)
 
 # Dense bf16 / fp32 (TF32 off) peak FLOP/s of the cards we report on.
@@ -198,19 +198,56 @@ class PhotoSource:
 
 
 def _loaders(jpegs, size: int, batch: int):
-    """(before, after): the stream's loader as it was (full decode, float32 normalised by
-    the worker) and as it is (draft decoding, uint8 out)."""
+    """{before, after, bilinear}: the stream's loader as it was (Pillow's full decode and
+    resize, float32 normalised by the worker), as it is (simplejpeg with DCT scaling, Pillow's
+    antialiased resize, uint8 out), and as it is with data.resize_antialias=False (OpenCV's
+    bilinear resize, tf.data's)."""
+    import io
+
+    from PIL import Image
+
     from resnet_jax.data import stream
 
-    class FullDecodeFloat32(stream._LoadBatch):
+    class Before(stream._LoadBatch):
+        """The worker as it was: Pillow decodes the whole JPEG and resizes the box (antialiased
+        bilinear), flips, and the batch is normalised to float32 in the worker."""
+
+        def steps(self):
+            """(decode, crop+resize, flip), each as the worker did it."""
+            def decode(raw, rng):
+                image = Image.open(io.BytesIO(raw))
+                left, top, w, h = self.box_of(rng)(*image.size)
+                image.load()
+                return image if image.mode == "RGB" else image.convert("RGB"), (left, top, left + w, top + h)
+
+            return (decode, lambda image, box: image.resize((self.size, self.size), Image.BILINEAR, box=box),
+                    lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+        def transform(self, raw, rng):
+            decode, resize, flip = self.steps()
+            image = resize(*decode(raw, rng))
+            return np.asarray(flip(image) if self.flip and rng.random() < 0.5 else image)
+
         def __call__(self, index):
             out = super().__call__(index)
             return {**out, "image": stream.host_normalize(out["image"], out["mask"], "imagenet")}
 
     kwargs = dict(train=True, num_examples=len(jpegs), global_batch=batch, local_batch=batch, process_index=0,
                   seed=0, image_size=size, eval_resize=round(size * 256 / 224), flip=True)
-    return (FullDecodeFloat32(PhotoSource(jpegs), draft=False, **kwargs),
-            stream._LoadBatch(PhotoSource(jpegs), draft=True, **kwargs))
+    return {"before": Before(PhotoSource(jpegs), draft=False, **kwargs),
+            "after": stream._LoadBatch(PhotoSource(jpegs), draft=True, **kwargs),
+            "bilinear": stream._LoadBatch(PhotoSource(jpegs), draft=True, antialias=False, **kwargs)}
+
+
+def _stream_steps(load):
+    """(decode, crop+resize, flip) of the stream's loader as it is, for the stage split."""
+    import cv2
+
+    from resnet_jax.data import stream
+
+    return (lambda raw, rng: stream.decode(raw, load.box_of(rng), load.size, load.draft),
+            lambda pixels, box: stream.crop_resize(pixels, box, load.size, load.antialias),
+            lambda image: cv2.flip(image, 1))
 
 
 def _in_process_rate(load, batches: int) -> tuple[float, float]:
@@ -244,10 +281,9 @@ def _workers_rate(load, workers: int, batches: int) -> float:
 def _stages(load, batches: int, normalise: bool) -> dict:
     """CPU ms per image of read, decode, crop+resize, flip, collate (the loader's steps, each
     timed by this process's CPU clock: one thread, so it is the work done, not the waits)."""
-    from PIL import Image
-
     from resnet_jax.data import stream
 
+    decode, resize, flip = load.steps() if hasattr(load, "steps") else _stream_steps(load)
     clock, ms = time.process_time, dict.fromkeys(("read", "decode", "crop_resize", "flip", "collate"), 0.0)
     for index in range(batches):
         t0 = clock()
@@ -258,12 +294,12 @@ def _stages(load, batches: int, normalise: bool) -> dict:
         for row, (record, example) in enumerate(zip(records, raw)):
             rng = np.random.default_rng([load.seed, 1, epoch, int(record)])
             t0 = clock()
-            image, box = stream.decode(example["image"], load.box_of(rng), load.size, load.draft)
+            image, box = decode(example["image"], rng)
             t1 = clock()
-            image = stream.crop_resize(image, box, load.size)
+            image = resize(image, box)
             t2 = clock()
             if rng.random() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                image = flip(image)
             t3 = clock()
             pixels[row] = np.asarray(image)
             ms["decode"], ms["crop_resize"], ms["flip"] = (ms["decode"] + t1 - t0, ms["crop_resize"] + t2 - t1,
@@ -347,10 +383,24 @@ def draft_difference(jpegs, size: int, eval_resize: int, draws: int = 4) -> dict
     return out
 
 
+def resize_difference(jpegs, size: int, draws: int = 4) -> float:
+    """PSNR of the resize without antialiasing (data.resize_antialias=False) against the
+    antialiased one, on the same train crops (`draws` per JPEG)."""
+    loaders = _loaders(jpegs, size, 1)
+    out = {}
+    for name in ("after", "bilinear"):
+        load = loaders[name]
+        load.flip = False
+        out[name] = np.stack([load.transform(jpeg, np.random.default_rng([7, index, draw]))
+                              for index, jpeg in enumerate(jpegs) for draw in range(draws)])
+    return _psnr(out["bilinear"], out["after"])
+
+
 def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: int, rounds: int) -> dict:
-    """Per-worker images/s before (full decode, float32 out) and after (draft, uint8 out), and
-    tf.data on one thread, interleaved `rounds` times on the same JPEGs; then `workers`
-    processes (threads for tf.data); the stage split; the draft's pixel difference."""
+    """Per-worker images/s before (Pillow, float32 out), after (simplejpeg + draft, Pillow's
+    antialiased resize, uint8 out), after without antialiasing, and tf.data on one thread,
+    interleaved `rounds` times on the same JPEGs; then `workers` processes (threads for
+    tf.data); the stage split; the draft's and the plain resize's pixel differences."""
     size, batch = config.data.image_size, config.train.batch_size
     if tfds_name:  # a prepared dataset's own JPEGs instead of the photos
         from resnet_jax.data import stream
@@ -359,35 +409,41 @@ def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: in
         jpegs = [r["image"] for r in source.__getitems__(list(range(min(len(source), 512))))]
     else:
         jpegs = photo_jpegs(512)
-    before, after = _loaders(jpegs, size, batch)
-    rates = {"before": [], "after": [], "tf": []}  # (wall, cpu) images/s per round
-    for _ in range(rounds):  # interleaved, so load from other processes hits all three alike
-        rates["before"].append(_in_process_rate(before, batches))
-        rates["after"].append(_in_process_rate(after, batches))
+    loaders = _loaders(jpegs, size, batch)
+    rates = {"before": [], "after": [], "bilinear": [], "tf": []}  # (wall, cpu) images/s per round
+    for _ in range(rounds):  # interleaved, so load from other processes hits all alike
+        for name in ("before", "after", "bilinear"):
+            rates[name].append(_in_process_rate(loaders[name], batches))
         rates["tf"].append(_tf_rate(jpegs, size, 1, batch, batches))
     result = {"jpegs": len(jpegs), "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "rounds": rounds}
     for clock, name in ((1, "cpu"), (0, "wall")):
         series = {k: [r[clock] for r in v] for k, v in rates.items()}
         suffix = "" if name == "cpu" else "_wall"
+        for prefix, key in (("", "after"), ("bilinear_", "bilinear")):
+            to_tf = [a / t for a, t in zip(series[key], series["tf"])]
+            result.update({
+                f"{prefix or 'images_per_sec_'}per_worker{suffix}": statistics.median(series[key]),
+                f"{prefix}ratio_vs_tf{suffix}": statistics.median(to_tf),
+                f"{prefix}ratio_vs_before{suffix}": statistics.median(
+                    [a / b for a, b in zip(series[key], series["before"])]),
+                f"spread_{prefix}per_worker{suffix}": [min(series[key]), max(series[key])],
+                f"spread_{prefix}ratio_vs_tf{suffix}": [min(to_tf), max(to_tf)]})
         result.update({
-            f"images_per_sec_per_worker{suffix}": statistics.median(series["after"]),
             f"before_per_worker{suffix}": statistics.median(series["before"]),
             f"tf_data_per_thread{suffix}": statistics.median(series["tf"]),
-            f"ratio_vs_tf{suffix}": statistics.median([a / t for a, t in zip(series["after"], series["tf"])]),
-            f"ratio_vs_before{suffix}": statistics.median([a / b for a, b in zip(series["after"], series["before"])]),
-            f"spread_per_worker{suffix}": [min(series["after"]), max(series["after"])],
             f"spread_before{suffix}": [min(series["before"]), max(series["before"])],
-            f"spread_tf{suffix}": [min(series["tf"]), max(series["tf"])],
-            f"spread_ratio_vs_tf{suffix}": [min(a / t for a, t in zip(series["after"], series["tf"])),
-                                            max(a / t for a, t in zip(series["after"], series["tf"]))]})
+            f"spread_tf{suffix}": [min(series["tf"]), max(series["tf"])]})
     result["images_per_sec"] = result["images_per_sec_per_worker_wall"]  # what --workers deliver (wall)
     if workers > 0:
-        result[f"images_per_sec_{workers}_workers"] = result["images_per_sec"] = _workers_rate(after, workers, batches)
-        result[f"before_{workers}_workers"] = _workers_rate(before, workers, batches)
+        result[f"images_per_sec_{workers}_workers"] = result["images_per_sec"] = _workers_rate(
+            loaders["after"], workers, batches)
+        result[f"bilinear_{workers}_workers"] = _workers_rate(loaders["bilinear"], workers, batches)
+        result[f"before_{workers}_workers"] = _workers_rate(loaders["before"], workers, batches)
         result[f"tf_data_{workers}_threads"] = _tf_rate(jpegs, size, workers, batch, batches)[0]
-    result["stages_ms_after"] = _stages(after, batches, normalise=False)
-    result["stages_ms_before"] = _stages(before, batches, normalise=True)
-    result.update(draft_difference(jpegs[:128], size, before.eval_resize))
+    for name in ("before", "after", "bilinear"):
+        result[f"stages_ms_{name}"] = _stages(loaders[name], batches, normalise=name == "before")
+    result.update(draft_difference(jpegs[:128], size, loaders["before"].eval_resize))
+    result["bilinear_psnr_db"] = resize_difference(jpegs[:128], size)
     _print_stream_table(result, workers)
     return result
 
@@ -396,25 +452,27 @@ def _print_stream_table(result: dict, workers: int) -> None:
     spread = lambda key: f"{result[key][0]:,.0f}-{result[key][1]:,.0f}"
     for suffix, what in (("", "images per CPU second (one core's rate)"), ("_wall", "images per wall second")):
         print(f"{what}, median of {result['rounds']} interleaved rounds (min-max):")
-        print(f"  stream before (full decode, float32):  {result['before_per_worker' + suffix]:8,.0f}  "
+        print(f"  stream before (Pillow, float32):         {result['before_per_worker' + suffix]:8,.0f}  "
               f"({spread('spread_before' + suffix)})")
-        print(f"  stream now (draft decode, uint8):      {result['images_per_sec_per_worker' + suffix]:8,.0f}  "
-              f"({spread('spread_per_worker' + suffix)})  x{result['ratio_vs_before' + suffix]:.2f} of before")
-        low, high = result["spread_ratio_vs_tf" + suffix]
-        print(f"  tf.data decode_and_crop_jpeg:          {result['tf_data_per_thread' + suffix]:8,.0f}  "
-              f"({spread('spread_tf' + suffix)})  stream/tf.data = {result['ratio_vs_tf' + suffix]:.2f} "
-              f"({low:.2f}-{high:.2f})")
+        print(f"  tf.data decode_and_crop_jpeg:            {result['tf_data_per_thread' + suffix]:8,.0f}  "
+              f"({spread('spread_tf' + suffix)})")
+        for prefix, what_now in (("", "now (antialiased resize)  "), ("bilinear_", "now, resize_antialias=False")):
+            low, high = result[f"spread_{prefix}ratio_vs_tf{suffix}"]
+            print(f"  stream {what_now}:   {result[(prefix or 'images_per_sec_') + 'per_worker' + suffix]:8,.0f}  "
+                  f"({spread(f'spread_{prefix}per_worker{suffix}')})  x{result[f'{prefix}ratio_vs_before{suffix}']:.2f} "
+                  f"of before, x{result[f'{prefix}ratio_vs_tf{suffix}']:.2f} of tf.data ({low:.2f}-{high:.2f})")
     if workers > 0:
-        print(f"{workers} workers: stream {result[f'images_per_sec_{workers}_workers']:,.0f}, before "
-              f"{result[f'before_{workers}_workers']:,.0f}, tf.data ({workers} threads) "
-              f"{result[f'tf_data_{workers}_threads']:,.0f} images/s")
-    for key in ("stages_ms_before", "stages_ms_after"):
+        print(f"{workers} workers: stream {result[f'images_per_sec_{workers}_workers']:,.0f}, without antialiasing "
+              f"{result[f'bilinear_{workers}_workers']:,.0f}, before {result[f'before_{workers}_workers']:,.0f}, "
+              f"tf.data ({workers} threads) {result[f'tf_data_{workers}_threads']:,.0f} images/s")
+    for key in ("stages_ms_before", "stages_ms_after", "stages_ms_bilinear"):
         print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items())
               + f" (total {sum(result[key].values()):.3f} ms/image)")
     for mode in ("train", "eval"):
         psnr = result[f"{mode}_psnr_db"]
         print(f"draft vs full decode, {mode}: {100 * result[f'{mode}_drafted_share']:.0f}% of crops drafted, "
               + (f"PSNR {psnr:.1f} dB" if psnr is not None else "no crop drafted: identical pixels"))
+    print(f"resize without vs with antialiasing, train crops: PSNR {result['bilinear_psnr_db']:.1f} dB")
 
 
 def run(argv) -> dict:

@@ -39,9 +39,12 @@ def test_device_end_to_end_row(tmp_path):
 def test_stream_row_compares_before_now_and_tf_data(tmp_path):
     row = _run(tmp_path, "--data=stream", "--image_size=64", "--steps=1", "--rounds=1", "--workers=1")
     for key in ("images_per_sec_per_worker", "before_per_worker", "tf_data_per_thread", "ratio_vs_tf",
-                "images_per_sec_1_workers", "before_1_workers", "tf_data_1_threads"):
+                "bilinear_per_worker", "bilinear_ratio_vs_tf", "images_per_sec_1_workers", "before_1_workers",
+                "bilinear_1_workers", "tf_data_1_threads"):
         assert row[key] > 0, key
-    assert set(row["stages_ms_after"]) == {"read", "decode", "crop_resize", "flip", "collate"}
+    for name in ("before", "after", "bilinear"):
+        assert set(row[f"stages_ms_{name}"]) == {"read", "decode", "crop_resize", "flip", "collate"}
+    assert 20 < row["bilinear_psnr_db"] < 45  # another image than the antialiased resize, not noise
     assert row["train_drafted_share"] > 0.5 and 34 < row["train_psnr_db"] < 60  # 64 px: most crops drafted
 
 

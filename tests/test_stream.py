@@ -288,13 +288,17 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(width, height):
     assert abs(np.mean(left[moved] / slack[moved]) - 0.5) < 4.5 * np.sqrt(1 / 12 / moved.sum())
 
 
-def _photo_jpeg(width, height, quality=90, mode="RGB"):
-    """A crop of one of scikit-learn's sample photographs (427 x 640), as a JPEG."""
+def _photo_jpeg_pixels(width, height):
+    """The top left width x height of one of scikit-learn's sample photographs (427 x 640)."""
     from sklearn.datasets import load_sample_images
 
-    photo = load_sample_images().images[0][:height, :width]
+    return load_sample_images().images[0][:height, :width]
+
+
+def _photo_jpeg(width, height, quality=90, mode="RGB"):
+    """A crop of one of scikit-learn's sample photographs (427 x 640), as a JPEG."""
     buffer = io.BytesIO()
-    Image.fromarray(photo).convert(mode).save(buffer, "JPEG", quality=quality)
+    Image.fromarray(_photo_jpeg_pixels(width, height)).convert(mode).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -307,14 +311,14 @@ def test_draft_decoding_is_used_exactly_when_the_box_allows(box_side, size, scal
     raw = _photo_jpeg(width, height)
     box = (30, 10, box_side, box_side + 7)
     image, scaled = stream.decode(raw, lambda w, h: box, size, draft=True)
-    assert image.size == (-(-width // scale), -(-height // scale)) and image.mode == "RGB"
+    assert image.shape == (-(-height // scale), -(-width // scale), 3) and image.dtype == np.uint8
     np.testing.assert_allclose(scaled, (30 / scale, 10 / scale, (30 + box_side) / scale,
                                         (10 + box_side + 7) / scale))
     full, _ = stream.decode(raw, lambda w, h: box, size, draft=False)
-    assert full.size == (width, height)
+    assert full.shape == (height, width, 3)
     if scale > 1:  # a pixel short of k times on one side: the next smaller factor
         narrow, _ = stream.decode(raw, lambda w, h: (0, 0, box_side, size * scale - 1), size)
-        assert narrow.size == (-(-width // (scale // 2)), -(-height // (scale // 2)))
+        assert narrow.shape == (-(-height // (scale // 2)), -(-width // (scale // 2)), 3)
 
 
 def test_draft_decoding_keeps_the_crop_within_the_measured_psnr():
@@ -331,11 +335,80 @@ def test_draft_decoding_keeps_the_crop_within_the_measured_psnr():
         full = load.transform(raw, np.random.default_rng(seed))
         assert 10 * np.log10(255 ** 2 / np.mean((drafted - full) ** 2)) > 34
     gray, _ = stream.decode(_photo_jpeg(600, 420, mode="L"), lambda w, h: (0, 0, 300, 300), 64)
-    assert gray.size == (150, 105) and gray.mode == "RGB"
+    assert gray.shape == (105, 150, 3)
     buffer = io.BytesIO()
     Image.open(io.BytesIO(raw)).save(buffer, "PNG")
     png, box = stream.decode(buffer.getvalue(), lambda w, h: (0, 0, 300, 300), 64)
-    assert png.size == (600, 420) and box == (0, 0, 300, 300)
+    assert png.shape == (420, 600, 3) and box == (0, 0, 300, 300)
+
+
+def _pillow_decode(raw, k=1):
+    """Pillow's decode, at 1/k with `Image.draft`: what the stream's workers decoded before."""
+    image = Image.open(io.BytesIO(raw))
+    if k > 1:
+        image.draft("RGB", (image.width // k, image.height // k))
+    return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("mode,options", [("RGB", {}), ("L", {}), ("RGB", {"progressive": True}),
+                                          ("RGB", {"subsampling": 0}), ("CMYK", {})])
+def test_decoded_pixels_are_pillows_at_every_scale(mode, options):
+    """simplejpeg's decode (Pillow's for CMYK) is bit for bit Pillow's, full and at 1/2, 1/4,
+    1/8, for baseline, progressive, 4:4:4 and grayscale JPEGs of odd sizes."""
+    buffer = io.BytesIO()
+    Image.fromarray(_photo_jpeg_pixels(601, 421)).convert(mode).save(buffer, "JPEG", quality=85, **options)
+    raw = buffer.getvalue()
+    for k in (1, 2, 4, 8):
+        pixels, _ = stream.decode(raw, lambda w, h: (0, 0, w, h), 421 // k, draft=True)
+        np.testing.assert_array_equal(pixels, _pillow_decode(raw, k), err_msg=f"1/{k}")
+
+
+def test_files_simplejpeg_refuses_are_pillows_to_decode_or_reject():
+    """A JPEG libjpeg-turbo warns about goes to Pillow, which decodes a corrupt one (with
+    libjpeg's warning ignored, as always) and rejects a truncated one."""
+    import simplejpeg
+
+    raw = _photo_jpeg(300, 200)
+    whole = lambda w, h: (0, 0, w, h)
+    corrupt = raw[:-200] + b"\0\0" + raw[-200:]  # "extraneous bytes before marker"
+    with pytest.raises(ValueError, match="extraneous"):
+        simplejpeg.decode_jpeg(corrupt, strict=True)
+    np.testing.assert_array_equal(stream.decode(corrupt, whole, 200)[0], _pillow_decode(corrupt))
+    with pytest.raises(OSError, match="truncated"):
+        stream.decode(raw[:-2], whole, 200)
+
+
+def _tf_bilinear(crop, size):
+    """tf.image.resize(crop, (size, size), "bilinear") without antialiasing, in numpy: source
+    coordinate (i + 0.5) * n / size - 0.5, clamped to the crop, linear between neighbours."""
+    out = crop.astype(np.float64)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        x = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+        low = np.floor(x).astype(int)
+        high, frac = np.minimum(low + 1, n - 1), x - low
+        shape = [1, 1, 1]
+        shape[axis] = size
+        frac = frac.reshape(shape)
+        out = np.take(out, low, axis) * (1 - frac) + np.take(out, high, axis) * frac
+    return out
+
+
+def test_resize_without_antialiasing_is_tf_datas_bilinear():
+    """antialias=False is tf.data's resize of the crop window (within OpenCV's fixed-point
+    rounding, one level), shrinking and enlarging; fractional box edges round to pixels.
+    Shrinking, it is another image than the antialiased resize (measured ~37 dB at 224 px
+    on photos): here a 3x shrink."""
+    pixels = _photo_jpeg_pixels(600, 420)
+    for box, size in (((37, 11, 300, 240), 100), ((37, 11, 60, 45), 100), ((10.4, 20.6, 200.5, 150), 64)):
+        left, top, w, h = box
+        out = stream.crop_resize(pixels, (left, top, left + w, top + h), size, antialias=False)
+        l, t, r, b = round(left), round(top), round(left + w), round(top + h)
+        expected = _tf_bilinear(pixels[t:b, l:r], size)
+        assert out.shape == (size, size, 3) and np.abs(out - expected).max() <= 1, box
+    shrunk = stream.crop_resize(pixels, (0, 0, 300, 300), 100, antialias=False).astype(np.float64)
+    smooth = stream.crop_resize(pixels, (0, 0, 300, 300), 100, antialias=True)
+    assert 20 < 10 * np.log10(255 ** 2 / np.mean((shrunk - smooth) ** 2)) < 40
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
