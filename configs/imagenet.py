@@ -2,11 +2,15 @@
 
     python -m resnet_jax.main --config=imagenet:resnet50 --workdir=runs/r50
     python -m resnet_jax.main --config=imagenet:resnet50,cosine --workdir=runs/r50c
+    python -m resnet_jax.main --config=imagenet:resnet50d,cosine --workdir=runs/r50d
 
 Batch 256 x k with lr 0.1 x batch/256 (Goyal et al.), SGD momentum 0.9, weight decay 1e-4,
 lr / 10 at epochs 30, 60, 80 (or cosine after a 5-epoch linear warm-up), 90 epochs;
 random-resized crop 224 + flip; eval resize 256 + center crop 224. Expected top-1 error:
 ResNet-18 ~30.2 %, -34 ~26.7 %, -50 ~23.9 % (torchvision v1.5), -101 ~22.6 %, -152 ~21.7 %.
+ResNet-50-D (deep stem, pooled projections) and SE-ResNet-50 gain about 1 % top-1 over ResNet-50
+at the same recipe (He et al. 2019, Table 5: 77.16 % top-1 for ResNet-50-D, 76.21 % for ResNet-50
+with the same tricks; Hu et al. 2018, Table 2: SE-ResNet-50 23.29 % top-1 error vs 24.80 %).
 Needs TFDS imagenet2012 prepared by hand (manual download) under data.data_dir.
 
 Two published recipes, as variants (`imagenet:<model>,rsb_a3`, `imagenet:<model>,ffcv_16`):
@@ -38,6 +42,8 @@ from resnet_jax.config import default_config
 
 VARIANTS = {  # for `resnet-jax configs`
     "resnet18 ... resnet200": "the model (first); also plain18, plain34",
+    "resnet18d ... resnet200d": "ResNet-D (timm's): deep 3x3 stem, average-pooled projections; plain50d its twin",
+    "seresnet18 ... seresnet152": "squeeze-excitation (timm's, C/16) in every block; seplain50, seresnet50d",
     "cosine": "cosine decay after a 5-epoch linear warm-up instead of /10 at epochs 30, 60, 80",
     "rsb_a3": "timm's ResNet-strikes-back A3: 100 epochs at 160 px (test 224), LAMB, BCE, Mixup/CutMix",
     "ffcv_16": "FFCV's 16 epochs: batch 4096, linear up/down lr 1.7, label smoothing 0.1, 160 px (test 256)",
@@ -47,7 +53,7 @@ RECIPES = ("rsb_a3", "ffcv_16")
 
 def get_config(arg: str = "resnet50"):
     """`arg` is "<model>" or "<model>,<variant>" (cosine, rsb_a3, ffcv_16): resnet18 ... resnet200,
-    plain18, plain34 and the other ImageNet nets of resnet_jax.models."""
+    plain18, plain34, resnet18d ... resnet200d, seresnet18 ... seresnet152 (any name `models.create` takes)."""
     name, _, schedule = arg.partition(",")
     config = default_config()
     config.model.name = name

@@ -20,6 +20,8 @@ WARMUPS = ("linear", "constant")
 BOUNDARY_UNITS = ("fraction", "steps", "epochs")
 BACKENDS = ("shard_map", "pmap")
 DTYPES = ("float32", "bfloat16")
+STEMS = ("standard", "deep")
+SHORTCUT_DOWNSAMPLES = ("stride", "avgpool")
 LOSSES = ("softmax", "sigmoid")
 # steps_per_dispatch=0 on a GPU/TPU. An assumption, not yet measured (no device has run the
 # suite yet): enough scanned steps to hide a ~50 us dispatch behind ~2 ms CIFAR steps, few
@@ -65,6 +67,11 @@ def default_config() -> ml_collections.ConfigDict:
     # on every device), so a dropped block is skipped (lax.cond): no compute, BN statistics
     # untouched, as in the authors' Torch code. example: timm's drop_path, per example.
     model.stochastic_depth_mode = "batch"
+    # He et al. 2019 (Bag of Tricks) and Hu et al. 2018 (SE), as timm's resnet*d / seresnet*;
+    # ""/0 = the name's own (resnet50d: deep + avgpool; seresnet50: 1/16; else standard, stride, 0).
+    model.stem = ""  # standard | deep: three 3x3 convs (32, 32, 64) for the 7x7 (ImageNet nets)
+    model.shortcut_downsample = ""  # stride | avgpool: a 2x2/2 average pool, then the projection at stride 1
+    model.se_ratio = 0.0  # squeeze-excitation width / the block's channels (timm: make_divisible(C r, 8))
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "tfds"  # tfds | npz | digits | synthetic
@@ -215,6 +222,12 @@ def model_options(model: ml_collections.ConfigDict) -> dict:
                    stochastic_depth=model.stochastic_depth, stochastic_depth_mode=model.stochastic_depth_mode)
     if model.activation_order:
         options["activation_order"] = model.activation_order
+    if model.stem:
+        options["deep_stem"] = model.stem == "deep"
+    if model.shortcut_downsample:
+        options["shortcut_downsample"] = model.shortcut_downsample
+    if model.se_ratio:
+        options["se_ratio"] = model.se_ratio
     return options
 
 
@@ -280,6 +293,10 @@ def mixing_enabled(data: ml_collections.ConfigDict) -> bool:
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises UserError (one clear line) for anything that would fail later."""
     model, data, train, optim = config.model, config.data, config.train, config.optim
+    for field, choices in (("stem", STEMS), ("shortcut_downsample", SHORTCUT_DOWNSAMPLES)):
+        if model[field] not in ("", *choices):
+            raise UserError(f"unknown model.{field} {model[field]!r}; choose from {', '.join(choices)} "
+                            "(or \"\" for the model name's own)")
     try:
         models.create(
             model.name, family=model.family or None, shortcut=model.shortcut,

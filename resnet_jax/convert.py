@@ -24,6 +24,11 @@ Anything that does not fit (not a state dict, a key or a shape the model lacks) 
 `torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(OUT))` works.
 `--weights=ema` writes the run's weight EMA (train.ema_decay) instead of its raw weights.
 
+timm's resnet*d and seresnet* keep torchvision's names but for the deep stem (conv1.0, .1, .3,
+.4, .6), the pooled projections (downsample.1, .2) and squeeze-excitation (se.fc1, se.fc2),
+which `--format=torchvision` maps too: names and shapes are checked against timm's module
+definitions (tests/test_tricks.py), not yet against a file timm wrote.
+
 Fine-tuning note: flax's BatchNorm updates the running variance with the biased batch
 variance, torch's with the unbiased one (larger by n/(n-1), n = batch x height x width).
 Imported statistics are used as they are; only statistics gathered while training here
@@ -53,12 +58,18 @@ from resnet_jax.errors import UserError
 # What each --format holds: its model family and its names for the modules that differ.
 FORMATS = {
     "torchvision": {"family": "imagenet", "head": "fc", "projection": "downsample",
-                    "models": "torchvision.models.resnet18 ... resnet152"},
+                    "models": "torchvision.models.resnet18 ... resnet152, timm's resnet*d, seresnet*"},
     "akamaster": {"family": "cifar", "head": "linear", "projection": "shortcut",
                   "models": "akamaster/pytorch_resnet_cifar10 resnet20 ... resnet1202"},
 }
 FORMAT_OF_FAMILY = {spec["family"]: name for name, spec in FORMATS.items()}
 # flax leaf -> torch leaf
+# timm's names where its resnet*d / seresnet* differ from torchvision's (whose names it
+# otherwise keeps): the deep stem is one Sequential (conv, BN, ReLU, conv, BN, ReLU, conv) and
+# a pooled projection is (pool, conv, BN); an SE module's fc1 / fc2 are named as here.
+TIMM_MODULES = {"stem_conv1": ["conv1", "0"], "stem_bn1": ["conv1", "1"], "stem_conv2": ["conv1", "3"],
+                "stem_bn2": ["conv1", "4"], "stem_conv3": ["conv1", "6"]}
+TIMM_POOLED_PROJECTION = {"pooled_proj_conv": "1", "pooled_proj_bn": "2"}
 LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 BN_COUNTER = "num_batches_tracked"  # torch's BN buffer; no flax counterpart, not needed (momentum is set)
 
@@ -107,7 +118,11 @@ def _torch_module(modules: tuple[str, ...], fmt: str) -> list[str]:
             out += [names["projection"], "0"]
         elif name == "proj_bn":
             out += [names["projection"], "1"]
-        else:  # conv1..3, bn1..3: the same in torch
+        elif name in TIMM_MODULES:
+            out += TIMM_MODULES[name]
+        elif name in TIMM_POOLED_PROJECTION:
+            out += [names["projection"], TIMM_POOLED_PROJECTION[name]]
+        else:  # conv1..3, bn1..3, se/fc1, se/fc2: the same in torch
             out.append(name)
     return out
 

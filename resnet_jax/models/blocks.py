@@ -6,8 +6,10 @@ example, so those choices are made in exactly one place.
 
 A unit is y = h(x) + F(x), x_next = f(y) (He et al. 2016, "Identity Mappings in Deep
 Residual Networks", Eq. 1). `Unit` says where BN and ReLU sit (the orderings of its Fig. 4),
-what h is (the shortcut variants of its Fig. 2 / Table 1) and whether F is dropped at random
-(Huang et al. 2016, "Deep Networks with Stochastic Depth").
+what h is (the shortcut variants of its Fig. 2 / Table 1), whether F is dropped at random
+(Huang et al. 2016, "Deep Networks with Stochastic Depth"), whether F ends in a
+squeeze-excitation (Hu et al. 2018) and whether a projection shortcut average-pools before its
+1x1 convolution (ResNet-D: He et al. 2019, "Bag of Tricks for Image Classification").
 """
 
 import dataclasses
@@ -27,6 +29,9 @@ ACTIVATION_ORDERS = ("original", "bn_after_add", "relu_before_add", "relu_preact
 SHORTCUT_VARIANTS = ("identity", "scaling", "exclusive_gating", "shortcut_gating", "conv1x1", "dropout")
 SCALE_ON = ("shortcut", "residual", "both")
 DEPTH_MODES = ("batch", "example")
+# How a projection shortcut downsamples: its 1x1 conv strides (the paper), or a 2x2/2 average
+# pool precedes it at stride 1 (ResNet-D; timm's avg_down).
+SHORTCUT_DOWNSAMPLES = ("stride", "avgpool")
 # Orderings that end a unit with an activation after the addition (f = ReLU, or BN + ReLU).
 _ACT_AFTER_ADD = ("original", "bn_after_add")
 
@@ -54,6 +59,9 @@ class Unit:
       survival: p_l, the probability that F is kept in training (Huang et al.); None = always.
       depth_mode: "batch" (F dropped for the whole mini-batch, Huang et al.) or "example"
         (timm's drop_path: per example, rescaled by 1/p_l in training).
+      se_ratio: squeeze-excitation on F's output, before the addition (Hu et al.; timm's
+        attn_layer="se"), of width `se_channels(C, se_ratio)`; 0 = none.
+      shortcut_downsample: SHORTCUT_DOWNSAMPLES, for the projection shortcuts (B, C).
     """
 
     order: str = "original"
@@ -64,6 +72,8 @@ class Unit:
     shortcut_dropout: float = 0.0
     survival: float | None = None
     depth_mode: str = "batch"
+    se_ratio: float = 0.0
+    shortcut_downsample: str = "stride"
 
 
 def shortcut(
@@ -73,6 +83,7 @@ def shortcut(
     option: str,
     conv: ModuleDef,
     norm: ModuleDef | None,
+    downsample: str = "stride",
 ) -> jnp.ndarray:
     """The identity path of a residual block, per He et al.'s options A, B and C.
 
@@ -82,16 +93,74 @@ def shortcut(
     C: a 1x1 projection + BN in every block.
     `norm=None` leaves the BN out: a pre-activation unit projects its already normalised
     input (the authors' resnet-pre-act.lua and timm's DownsampleConv(preact=True)).
+    `downsample="avgpool"` (ResNet-D): a projection's 1x1 conv runs at stride 1 after a 2x2
+    average pool of stride `strides` (none where `strides` is 1), so it sees every pixel
+    rather than one in four; named pooled_proj_conv / pooled_proj_bn (timm's downsample.1/.2).
     """
     shape_changes = strides != 1 or x.shape[-1] != out_channels
     if option == "C" or (option == "B" and shape_changes):
-        x = conv(out_channels, (1, 1), strides=strides, padding="VALID", name="proj_conv")(x)
-        return x if norm is None else norm(name="proj_bn")(x)
+        prefix = "proj"
+        if downsample == "avgpool":
+            x, strides, prefix = avg_pool_ceil(x, strides), 1, "pooled_proj"
+        x = conv(out_channels, (1, 1), strides=strides, padding="VALID", name=f"{prefix}_conv")(x)
+        return x if norm is None else norm(name=f"{prefix}_bn")(x)
     if option == "A" and shape_changes:
         x = x[:, ::strides, ::strides, :]
         extra = out_channels - x.shape[-1]
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
     return x
+
+
+def avg_pool_ceil(x: jnp.ndarray, strides: int) -> jnp.ndarray:
+    """timm's `nn.AvgPool2d(2, strides, ceil_mode=True, count_include_pad=False)` (NHWC).
+
+    An odd side keeps its last row / column: the window hanging over the edge averages only
+    the pixels inside (ceil((H - 2) / s) + 1 outputs), so the size matches the branch's
+    padded, strided convolution. `strides=1` is the identity, as in timm.
+    """
+    if strides == 1:
+        return x
+    pad = [(0, max(0, (-(-(size - 2) // strides)) * strides + 2 - size)) for size in x.shape[1:3]]
+    return nn.avg_pool(x, (2, 2), strides=(strides, strides), padding=pad, count_include_pad=False)
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """timm's `layers.helpers.make_divisible`: `value` rounded to the nearest multiple of
+    `divisor` (at least `min_value`, default `divisor`), one `divisor` more where that lost
+    over (1 - round_limit) of it."""
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
+
+
+def se_channels(channels: int, ratio: float) -> int:
+    """The squeeze-excitation width of timm's SEModule: make_divisible(C * ratio, 8,
+    round_limit=0), so never below 8 (16 for C = 256 at Hu et al.'s 1/16, 8 for C = 16)."""
+    return make_divisible(channels * ratio, 8, round_limit=0.0)
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc2(relu(fc1(mean over H, W of x)))), fc1 / fc2 1x1 convs with bias (Hu
+    et al. 2018; timm's SEModule, whose names fc1 / fc2 these are).
+
+    Attributes:
+      ratio: the bottleneck width over the channels (`se_channels`).
+      conv: the net's conv partial (dtype, initialiser); the bias is turned on here.
+      act: the activation between the two convs.
+    """
+
+    ratio: float
+    conv: ModuleDef
+    act: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        squeezed = jnp.mean(x, axis=(1, 2), keepdims=True)
+        y = self.act(self.conv(se_channels(channels, self.ratio), (1, 1), padding="VALID", use_bias=True,
+                               name="fc1")(squeezed))
+        gate = nn.sigmoid(self.conv(channels, (1, 1), padding="VALID", use_bias=True, name="fc2")(y))
+        return x * gate
 
 
 class _ResidualUnit(nn.Module):
@@ -151,6 +220,9 @@ class _ResidualUnit(nn.Module):
                 y = self._bn(i, last, f"bn{i}")(y)
                 if order == "relu_before_add":
                     y = self.act(y)
+        if self.unit.se_ratio:
+            # On F's output, before the addition (after the last BN in the original unit).
+            y = SqueezeExcite(self.unit.se_ratio, self.conv, self.act, name="se")(y)
         return y
 
     def _after_add(self, y: jnp.ndarray) -> jnp.ndarray:
@@ -188,7 +260,8 @@ class _ResidualUnit(nn.Module):
         if unit.variant == "conv1x1":
             h = self.conv(out_channels, (1, 1), strides=self.strides, padding="VALID", name="shortcut_conv")(shortcut_in)
         else:
-            h = shortcut(shortcut_in, out_channels, self.strides, self.shortcut, self.conv, norm)
+            h = shortcut(shortcut_in, out_channels, self.strides, self.shortcut, self.conv, norm,
+                         unit.shortcut_downsample)
         if unit.variant == "dropout":
             h = nn.Dropout(unit.shortcut_dropout, deterministic=not self.train, name="shortcut_dropout")(h)
         residual_scale = None

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnet_jax.models.blocks import (
-    ACTIVATION_ORDERS, BOTTLENECK_STRIDES, DEPTH_MODES, SCALE_ON, SHORTCUT_OPTIONS, SHORTCUT_VARIANTS, BasicBlock,
-    Bottleneck, Unit,
+    ACTIVATION_ORDERS, BOTTLENECK_STRIDES, DEPTH_MODES, SCALE_ON, SHORTCUT_DOWNSAMPLES, SHORTCUT_OPTIONS,
+    SHORTCUT_VARIANTS, BasicBlock, Bottleneck, Unit,
 )
 
 ModuleDef = Any
@@ -30,7 +30,10 @@ class ResNet(nn.Module):
       num_classes: size of the classifier.
       widths: filters of each stage (before a bottleneck's 4x expansion).
       stem: "cifar" (3x3 conv, stride 1) or "imagenet" (7x7/2 conv + 3x3/2 max-pool).
-      stem_width: filters of the stem convolution.
+      stem_width: filters of the stem convolution (of the last one in a deep stem).
+      deep_stem: the ImageNet stem's 7x7/2 convolution becomes three 3x3 ones of stem_width/2,
+        stem_width/2 and stem_width filters, the first at stride 2, each but the last followed
+        by BN + ReLU (ResNet-C/D, He et al. 2019; timm's stem_type="deep", stem_width=32).
       shortcut: "A", "B" or "C" (see `blocks.shortcut`).
       skip: False builds the plain twin: the same layers without the additions.
       zero_init_residual: zero scale on the last BN of every residual branch.
@@ -52,6 +55,10 @@ class ResNet(nn.Module):
       stochastic_depth: 1 - p_L, the drop probability of the last block (0 = off); block
         l of L survives with p_l = 1 - l/L (1 - p_L) (Huang et al., Eq. 4; p_L = 0.5 there).
       stochastic_depth_mode: "batch" (the paper) or "example" (timm's drop_path).
+      shortcut_downsample: "stride" or "avgpool" (ResNet-D: a 2x2/2 average pool before the
+        projection's 1x1 conv; `blocks.shortcut`).
+      se_ratio: squeeze-excitation at the end of every residual branch (Hu et al. 2018; timm's
+        seresnet* use 1/16), `blocks.SqueezeExcite`; 0 = none.
     """
 
     stage_sizes: Sequence[int]
@@ -60,6 +67,7 @@ class ResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     stem: str = "imagenet"
     stem_width: int = 64
+    deep_stem: bool = False
     shortcut: str = "B"
     skip: bool = True
     zero_init_residual: bool = False
@@ -79,6 +87,8 @@ class ResNet(nn.Module):
     shortcut_dropout: float = 0.0
     stochastic_depth: float = 0.0
     stochastic_depth_mode: str = "batch"
+    shortcut_downsample: str = "stride"
+    se_ratio: float = 0.0
 
     def __post_init__(self):
         if self.zero_init_residual and not self.skip:
@@ -95,6 +105,7 @@ class ResNet(nn.Module):
         if self.stem not in ("cifar", "imagenet"):
             raise ValueError(f"unknown stem {self.stem!r}; choose from cifar, imagenet")
         self._check_unit()
+        self._check_bag_of_tricks()
         self._check_drop_blocks()
         super().__post_init__()
 
@@ -124,6 +135,27 @@ class ResNet(nn.Module):
         if not 0 <= self.shortcut_dropout < 1:
             raise ValueError(f"shortcut_dropout must be in [0, 1), got {self.shortcut_dropout}")
 
+    def _check_bag_of_tricks(self) -> None:
+        """The deep stem, the pooled projection and squeeze-excitation, where they mean something."""
+        if self.deep_stem and self.stem != "imagenet":
+            raise ValueError("the deep stem replaces the ImageNet stem's 7x7 stride-2 convolution; a CIFAR net's "
+                             "stem is one 3x3 convolution at stride 1 (use the standard stem)")
+        if self.deep_stem and self.stem_width % 2:
+            raise ValueError(f"the deep stem's first two convolutions have stem_width/2 filters; stem_width="
+                             f"{self.stem_width} is odd")
+        if self.shortcut_downsample not in SHORTCUT_DOWNSAMPLES:
+            raise ValueError(f"unknown shortcut_downsample {self.shortcut_downsample!r}; choose from "
+                             f"{', '.join(SHORTCUT_DOWNSAMPLES)}")
+        if self.shortcut_downsample == "avgpool" and not self.skip:
+            raise ValueError("shortcut_downsample=avgpool pools before a projection shortcut; a plain net has no "
+                             "shortcut")
+        if self.shortcut_downsample == "avgpool" and self.shortcut == "A":
+            raise ValueError("shortcut_downsample=avgpool pools before a projection's 1x1 convolution; shortcut A "
+                             "has none (use shortcut B or C)")
+        if not 0 <= self.se_ratio <= 1:
+            raise ValueError(f"se_ratio (the squeeze-excitation width over the block's channels; Hu et al.: 1/16) "
+                             f"must be in [0, 1], got {self.se_ratio}")
+
     def survival_probabilities(self) -> list[float]:
         """p_l of every block, in order: 1 - l/L (1 - p_L) (Huang et al., Eq. 4); all 1 when off."""
         count = len(self._layout())
@@ -133,7 +165,8 @@ class ResNet(nn.Module):
         survival = self.survival_probabilities()[index] if self.stochastic_depth else None
         return Unit(order=self.activation_order, variant=self.shortcut_variant, scale=self.shortcut_scale,
                     scale_on=self.scale_on, gate_bias=self.gate_bias, shortcut_dropout=self.shortcut_dropout,
-                    survival=survival, depth_mode=self.stochastic_depth_mode)
+                    survival=survival, depth_mode=self.stochastic_depth_mode, se_ratio=self.se_ratio,
+                    shortcut_downsample=self.shortcut_downsample)
 
     def _layout(self) -> list[tuple[str, bool]]:
         """(name, changes_shape) of every block, in order."""
@@ -186,7 +219,8 @@ class ResNet(nn.Module):
         preact = self.activation_order == "full_preact"
         stem_norm = (lambda y: y) if preact else (lambda y: self.act(norm(name="stem_bn")(y)))
         if self.stem == "imagenet":
-            x = stem_norm(conv(self.stem_width, (7, 7), strides=2, padding=3, name="stem_conv")(x))
+            x = stem_norm(self._deep_stem(x, conv, norm) if self.deep_stem else
+                          conv(self.stem_width, (7, 7), strides=2, padding=3, name="stem_conv")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = stem_norm(conv(self.stem_width, (3, 3), name="stem_conv")(x))
@@ -225,6 +259,17 @@ class ResNet(nn.Module):
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         return jnp.asarray(x, jnp.float32)
 
+    def _deep_stem(self, x: jnp.ndarray, conv: ModuleDef, norm: ModuleDef) -> jnp.ndarray:
+        """Three 3x3 convolutions (stem_width/2, stem_width/2, stem_width), the first at
+        stride 2, BN + ReLU between them; the last one's BN + ReLU is the stem's own
+        (stem_bn, or none in a pre-activation net, as timm's resnetv2 deep stem)."""
+        widths = (self.stem_width // 2, self.stem_width // 2, self.stem_width)
+        for i, width in enumerate(widths, 1):
+            x = conv(width, (3, 3), strides=2 if i == 1 else 1, name=f"stem_conv{i}")(x)
+            if i < len(widths):
+                x = self.act(norm(name=f"stem_bn{i}")(x))
+        return x
+
 
 # ---------------------------------------------------------------------------------------
 # Named variants.
@@ -245,6 +290,12 @@ PREACT_CIFAR_NAMED_DEPTHS = (20, 56, 110, 164, 1001)
 PREACT_BOTTLENECK_MIN_DEPTH = 164
 _NAME = re.compile(r"^(resnet|plain|preresnet|preplain)([1-9]\d*)$")
 _V2_NAME = re.compile(r"^(resnetv2|plainv2)_([1-9]\d*)$")
+# timm's Bag-of-Tricks and squeeze-excitation names: a "d" suffix is ResNet-D (the deep stem and
+# pooled projections; its plain twin keeps the stem), an "se" prefix ends every residual branch
+# in a squeeze-excitation of Hu et al.'s width, C/16.
+_TRICKS_NAME = re.compile(r"^(se)?(resnet|plain)([1-9]\d*)(d?)$")
+SE_RATIO = 1 / 16
+SE_NAMED_DEPTHS = (18, 34, 50, 101, 152)  # timm's seresnet*
 
 
 def available() -> list[str]:
@@ -258,6 +309,9 @@ def available() -> list[str]:
     names += [f"preplain{d}" for d in PREACT_CIFAR_NAMED_DEPTHS[:4]]
     names += [f"resnetv2_{d}" for d in IMAGENET_STAGES]
     names += [f"plainv2_{d}" for d in IMAGENET_STAGES]
+    names += [f"resnet{d}d" for d in IMAGENET_STAGES]
+    names += [f"seresnet{d}" for d in SE_NAMED_DEPTHS]
+    names += ["plain50d", "seplain50"]
     return names
 
 
@@ -267,7 +321,9 @@ def _unknown(name: str) -> ValueError:
         f"(8, 14, 20, 26, 32, 38, 44, 50, 56, ..., 110, ..., 1202) and their pre-activation "
         f"twins preresnet/preplain (6n+2 below 164, bottleneck 9n+2 from 164: 164, 1001); ImageNet "
         f"models are resnet{{18,34,50,101,152,200}}, plain{{18,34}}, and pre-activation "
-        f"resnetv2_/plainv2_{{18,34,50,101,152,200}}. Named: {', '.join(available())}"
+        f"resnetv2_/plainv2_{{18,34,50,101,152,200}}; ResNet-D resnet/plain{{18,...,200}}d (ImageNet) and "
+        f"squeeze-excitation se + any resnet/plain name (seresnet50, seresnet50d, seresnet56). "
+        f"Named: {', '.join(available())}"
     )
 
 
@@ -280,13 +336,30 @@ def _preact_cifar_block(depth: int):
     return None
 
 
+def _tricks(name: str) -> tuple[bool, str, int, bool] | None:
+    """(se, "resnet" | "plain", depth, d) of a name with an "se" prefix or a "d" suffix, else None."""
+    match = _TRICKS_NAME.match(name)
+    if not match or not (match.group(1) or match.group(4)):
+        return None
+    return bool(match.group(1)), match.group(2), int(match.group(3)), bool(match.group(4))
+
+
 def model_family(name: str) -> str:
     """"imagenet" or "cifar" for a model name; ValueError for anything else.
 
     ImageNet depths win where both match (50, 152 and 200 are also 6n+2): ask for the
     CIFAR net of those depths with `create(name, family="cifar")`. preresnet/preplain are
-    CIFAR nets, resnetv2_/plainv2_ ImageNet nets.
+    CIFAR nets, resnetv2_/plainv2_ ImageNet nets; a "d" name is ImageNet's, and an "se" name
+    of an ImageNet depth too (seplain50 is the twin of seresnet50, unlike plain50).
     """
+    tricks = _tricks(name)
+    if tricks:
+        _, _, depth, deep = tricks
+        if depth in IMAGENET_STAGES:
+            return "imagenet"
+        if not deep and depth >= 8 and (depth - 2) % 6 == 0:
+            return "cifar"
+        raise _unknown(name)
     v2 = _V2_NAME.match(name)
     if v2:
         if int(v2.group(2)) in IMAGENET_STAGES:
@@ -315,6 +388,9 @@ def create(name: str, num_classes: int = 10, family: str | None = None, **overri
         "resnetv2_{depth}" or "plainv2_{depth}"; see `available()`. The pre-activation
         names build full pre-activation units (activation_order="full_preact", which an
         override may change: the paper's Table 2 runs every ordering on the same nets).
+        timm's names are presets of the same toggles, which overrides may change too:
+        "resnet50d" (deep_stem=True, shortcut_downsample="avgpool"; "plain50d" has the stem
+        only), "seresnet50" (se_ratio=1/16), "seresnet50d" (both).
       num_classes: classifier size.
       family: "cifar" or "imagenet" to force a family where a depth fits both (e.g. 50).
       **overrides: any `ResNet` attribute (shortcut, zero_init_residual, dtype, ...).
@@ -322,6 +398,17 @@ def create(name: str, num_classes: int = 10, family: str | None = None, **overri
     Raises:
       ValueError: naming the valid choices, for an unknown name or an impossible depth.
     """
+    tricks = _tricks(name)
+    if tricks:
+        se, kind, depth, deep = tricks
+        resolved = family or model_family(name)
+        fits = {"imagenet": depth in IMAGENET_STAGES, "cifar": not deep and depth >= 8 and (depth - 2) % 6 == 0}
+        if not fits.get(resolved):
+            raise _unknown(name)
+        presets: dict[str, Any] = {"se_ratio": SE_RATIO} if se else {}
+        if deep:
+            presets.update(deep_stem=True, **({"shortcut_downsample": "avgpool"} if kind == "resnet" else {}))
+        return create(f"{kind}{depth}", num_classes, family=resolved, **{**presets, **overrides})
     match = _NAME.match(name) or _V2_NAME.match(name)
     if not match:
         raise _unknown(name)
