@@ -15,7 +15,7 @@ SOURCES = ("tfds", "npz", "digits", "synthetic")
 PIPELINES = ("device", "stream")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel", "imagenet", "none")
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("multistep", "step", "cosine", "triangular", "onecycle", "constant")
+SCHEDULES = ("multistep", "step", "cosine", "linear", "triangular", "onecycle", "constant")
 WARMUPS = ("linear", "constant")
 BOUNDARY_UNITS = ("fraction", "steps", "epochs")
 BACKENDS = ("shard_map", "pmap")
@@ -127,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.boundaries_unit = "fraction"
     optim.decay_factor = 0.1
     optim.step_every_epochs = 30  # step schedule
-    optim.min_lr = 0.0  # cosine floor; lower end of the cyclical schedules
+    optim.min_lr = 0.0  # cosine and linear floor; lower end of the cyclical schedules
     optim.cycle_steps = 2000  # triangular: steps per full cycle
     optim.warmup_steps = 0
     optim.warmup_epochs = 0.0  # the warm-up in epochs instead (warmup_steps=0)

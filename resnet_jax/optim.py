@@ -25,6 +25,8 @@ def _main_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total
     span = total_steps - warmup
     if optim.schedule == "cosine":
         shaped = optax.cosine_decay_schedule(lr, span, alpha=optim.min_lr / lr)
+    elif optim.schedule == "linear":  # FFCV's ImageNet recipes: after the warm-up, straight down to min_lr
+        shaped = optax.linear_schedule(lr, optim.min_lr, span)
     elif optim.schedule == "onecycle":
         shaped = optax.cosine_onecycle_schedule(span, lr)
     else:  # triangular (Smith 2017): min_lr -> lr -> min_lr every cycle_steps; optax has none.

@@ -125,3 +125,10 @@ def test_gradient_flow_probe_takes_the_new_nets(name, overrides):
     profile = skip_ablation.gradient_profile(name, images, labels, seed=1, **overrides)
     assert len(profile["grad_norms"]) == len(profile["layers"]) > 0
     assert np.all(np.isfinite(profile["grad_norms"]))
+
+
+def test_error_cell_gives_the_median_the_paper_reports_from_three_seeds():
+    assert identity_mappings.error_cell([0.0661]) == "6.61"
+    assert identity_mappings.error_cell([0.06, 0.08]) == "7.00 ± 1.41"
+    # 5 seeds: mean 7.00, sample std 1.70, median 6.50 (the paper's cells are medians of 5 runs).
+    assert identity_mappings.error_cell([0.05, 0.065, 0.06, 0.09, 0.085, None]) == "7.00 ± 1.70 (median 6.50)"

@@ -44,6 +44,16 @@ def test_cosine_and_triangular_floors():
         assert float(triangular(step)) == pytest.approx(lr), step
 
 
+def test_linear_decay_after_warmup_is_ffcvs_triangle():
+    # FFCV's "cyclic" lr: 1e-4 x peak at step 0, the peak after 2 epochs, 0 at the end.
+    config = _optim(schedule="linear", lr=1.7, warmup_epochs=2.0, warmup="linear", warmup_lr=1.7e-4)
+    schedule = optim.make_schedule(config, 10, 160)
+    for step, lr in ((0, 1.7e-4), (10, (1.7 + 1.7e-4) / 2), (20, 1.7), (90, 0.85), (160, 0.0)):
+        assert float(schedule(step)) == pytest.approx(lr, abs=1e-6), step
+    floor = optim.make_schedule(_optim(schedule="linear", min_lr=0.02), 10, 100)
+    assert float(floor(50)) == pytest.approx(0.06) and float(floor(100)) == pytest.approx(0.02)
+
+
 def test_decay_mask_decays_kernels_of_any_rank():
     params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}, "conv": {"kernel": jnp.ones((3, 3, 1, 2))}}
     assert optim.decay_mask(params, False) == {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": True}}
