@@ -159,22 +159,28 @@ def _free_port():
 def test_two_processes_train_like_one_process_with_four_devices(runs, tmp_path):
     """jax.distributed on localhost (CPU collectives), 2 processes x 2 devices. Gloo sums in
     another order than one process does: float noise, bounded like the runs above."""
-    port = _free_port()
     workdir = tmp_path / "two_hosts"
     base = [sys.executable, "-m", "resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8",
-            f"--workdir={workdir}", f"--coordinator=localhost:{port}", "--num_processes=2"]
+            f"--workdir={workdir}", "--num_processes=2"]
     from helpers import cli_args
 
-    # Gloo gives up on a collective after 30 s (not settable from JAX), and the first
+    # Gloo gives up on a collective after 30 s (a constant JAX does not expose), and the first
     # collective comes right after each process has compiled its step on its own: on a loaded
-    # 2-core machine one process can finish compiling more than 30 s before the other. So
-    # process 0 compiles each program once and hands it to process 1 through the coordinator,
-    # which waits up to 20 min: both start every program together.
-    env = {**_env(2), "JAX_SHARE_BINARY_BETWEEN_HOSTS": "true"}
-    procs = [subprocess.Popen(base + [f"--process_id={i}"] + cli_args({**COMPARED_STEPS, "train.checkpoint_every": 1}),
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    # 2-core machine one process can finish compiling more than 30 s before the other. Such a
+    # timeout says nothing about the code under test, so the pair runs once more, then with
+    # process 0's compilations in the persistent cache. (jax_share_binary_between_hosts,
+    # which would hand process 0's binaries to process 1, hung both processes here.)
+    overrides = {**COMPARED_STEPS, "train.checkpoint_every": 1}
+    for attempt in range(2):
+        shutil.rmtree(workdir, ignore_errors=True)
+        port = _free_port()
+        procs = [subprocess.Popen(base + [f"--coordinator=localhost:{port}", f"--process_id={i}"] + cli_args(overrides),
+                                  env=_env(2), cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outputs = [p.communicate(timeout=600) for p in procs]
+        failed = [stderr for p, (_, stderr) in zip(procs, outputs) if p.returncode != 0]
+        if not (failed and attempt == 0 and any("gloo" in e.lower() and "timed out" in e.lower() for e in failed)):
+            break
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
     assert "4 cpu device(s) on 2 host(s)" in outputs[0][0]
