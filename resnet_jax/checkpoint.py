@@ -1,8 +1,10 @@
-"""Orbax checkpoints of a run: `workdir/checkpoints/<step>/{variables,optimizer,meta}`.
+"""Orbax checkpoints of a run: `workdir/checkpoints/<step>/{variables,optimizer,meta[,ema]}`.
 
 `variables` holds what a model needs (params, BN statistics), `optimizer` what only training
 needs (step, optimiser state), `meta` the run's JSON bookkeeping (best error, normalisation
-statistics, the input pipeline's position): evaluation restores `variables` alone.
+statistics, the input pipeline's position): evaluation restores `variables` alone. A run
+with a weight EMA also has `ema`, laid out as `variables` (so it evaluates the same way);
+runs without one have no such item.
 
 Keeps the last `keep` checkpoints and the best by evaluation error. Orbax writes each step
 to a temporary directory and renames it when complete, so a kill at any moment leaves the
@@ -40,6 +42,11 @@ def _is_number(value: Any) -> bool:
     return type(value) in (int, float)
 
 
+def _is_numbers(value: Any) -> bool:
+    """A non-empty list of numbers, or of such lists: per_pixel_mean's mean is [H][W][C]."""
+    return isinstance(value, list) and bool(value) and all(_is_number(v) or _is_numbers(v) for v in value)
+
+
 def meta_problem(meta: Any) -> str | None:
     """What is wrong with a checkpoint's meta item (JSON the trainer wrote), or None.
 
@@ -60,7 +67,7 @@ def meta_problem(meta: Any) -> str | None:
         return f"its meta's image_shape is {shape!r:.60}, not [height, width, channels]"
     norm = meta.get("normalization")
     if norm is not None and not (isinstance(norm, dict) and all(
-            isinstance(norm.get(k), list) and norm[k] and all(map(_is_number, norm[k])) for k in ("mean", "std"))):
+            _is_numbers(norm.get(k)) for k in ("mean", "std"))):
         return f"its meta's normalization is {norm!r:.60}, not {{\"mean\": [...], \"std\": [...]}}"
     return None
 
@@ -78,17 +85,23 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+WEIGHT_ITEMS = {"raw": "variables", "ema": "ema"}  # which weights -> the item holding them
+
+
 def _state_args(abstract_state: Any) -> ocp.args.Composite:
-    """What a whole TrainState is saved as: the variables, the optimiser, the meta."""
+    """What a whole TrainState is saved as: the variables, the optimiser, the meta; the EMA
+    where the state has one."""
+    ema = {} if abstract_state.ema is None else {"ema": ocp.args.StandardRestore(abstract_state.ema)}
     return ocp.args.Composite(
         variables=ocp.args.StandardRestore({"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}),
         optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-        meta=ocp.args.JsonRestore())
+        meta=ocp.args.JsonRestore(), **ema)
 
 
 def _as_state(abstract_state: Any, restored: Any, step: int) -> tuple[Any, dict, int]:
     """(TrainState, meta, step) from what `_state_args` restored."""
-    return abstract_state.replace(**restored.variables, **restored.optimizer), dict(restored.meta), step
+    ema = {} if abstract_state.ema is None else {"ema": restored.ema}
+    return (abstract_state.replace(**restored.variables, **restored.optimizer, **ema), dict(restored.meta), step)
 
 
 class Checkpoints:
@@ -128,10 +141,11 @@ class Checkpoints:
         Args:
           error: the evaluation error at this step, if evaluated; the lowest is kept.
         """
+        ema = {} if state.ema is None else {"ema": ocp.args.StandardSave(state.ema)}
         args = ocp.args.Composite(
             variables=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
             optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-            meta=ocp.args.JsonSave(meta))
+            meta=ocp.args.JsonSave(meta), **ema)
         try:
             with _quiet_orbax():
                 self.manager.save(step, args=args, metrics=None if error is None else {"error": error}, force=True)
@@ -167,15 +181,18 @@ class Checkpoints:
         found = self._restore(_state_args(abstract_state), step)
         return None if found is None else _as_state(abstract_state, *found)
 
-    def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+    def restore_variables(self, abstract_variables: Any, step: int | None = None,
+                          weights: str = "raw") -> tuple[Any, dict, int] | None:
         """Restores only {"params", "batch_stats"} (no optimiser state) and meta. For reading
-        a run, not resuming it: unreadable newer steps are skipped, never set aside."""
-        args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore())
+        a run, not resuming it: unreadable newer steps are skipped, never set aside.
+        `weights`: "raw", or "ema" for the weight EMA's (a run that has one)."""
+        item = WEIGHT_ITEMS[weights]
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_variables)}, meta=ocp.args.JsonRestore())
         found = self._restore(args, step, set_aside=False)
         if found is None:
             return None
         restored, candidate = found
-        return restored.variables, restored.meta, candidate
+        return restored[item], restored.meta, candidate
 
     def read_meta(self, step: int) -> dict | None:
         """A checkpoint's JSON metadata alone (cheap: no array is read); None if unreadable."""
@@ -304,11 +321,14 @@ class CheckpointReader:
             return None
         return None if meta_problem(meta) else dict(meta)
 
-    def restore_variables(self, abstract_variables: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
-        """{"params", "batch_stats"} and meta of `step`, or of the newest readable step."""
-        args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore())
+    def restore_variables(self, abstract_variables: Any, step: int | None = None,
+                          weights: str = "raw") -> tuple[Any, dict, int] | None:
+        """{"params", "batch_stats"} and meta of `step`, or of the newest readable step;
+        `weights`: "raw", or "ema" for the weight EMA's."""
+        item = WEIGHT_ITEMS[weights]
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_variables)}, meta=ocp.args.JsonRestore())
         found = self._restore(args, step)
-        return None if found is None else (found[0].variables, dict(found[0].meta), found[1])
+        return None if found is None else (found[0][item], dict(found[0].meta), found[1])
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
         """The whole TrainState (optimiser too) and meta of `step`, or of the newest readable."""

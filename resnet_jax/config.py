@@ -14,12 +14,13 @@ from resnet_jax.errors import UserError
 SOURCES = ("tfds", "npz", "digits", "synthetic")
 PIPELINES = ("device", "stream")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel", "imagenet", "none")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "lars", "lamb")
 SCHEDULES = ("multistep", "step", "cosine", "linear", "triangular", "onecycle", "constant")
 WARMUPS = ("linear", "constant")
 BOUNDARY_UNITS = ("fraction", "steps", "epochs")
 BACKENDS = ("shard_map", "pmap")
 DTYPES = ("float32", "bfloat16")
+LOSSES = ("softmax", "sigmoid")
 # steps_per_dispatch=0 on a GPU/TPU. An assumption, not yet measured (no device has run the
 # suite yet): enough scanned steps to hide a ~50 us dispatch behind ~2 ms CIFAR steps, few
 # enough that logs and evaluations (at multiples of it) stay frequent. The device suite's
@@ -91,6 +92,13 @@ def default_config() -> ml_collections.ConfigDict:
     # always a full decode.
     data.jpeg_draft = True
     data.shuffle_buffer = 0
+    # Mixup / CutMix (timm's Mixup, "batch" mode: one lambda per batch, inside the train step;
+    # resnet_jax/data/mix.py): Beta(alpha, alpha), 0 = off. mix_prob: the share of batches
+    # mixed; mix_switch_prob: CutMix's share of those when both alphas are on.
+    data.mixup_alpha = 0.0
+    data.cutmix_alpha = 0.0
+    data.mix_prob = 1.0
+    data.mix_switch_prob = 0.5
 
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 128  # global, over all devices
@@ -112,14 +120,30 @@ def default_config() -> ml_collections.ConfigDict:
     # BN statistics where their shapes fit this model; the rest (a new head) is initialised.
     train.init_from = ""
     train.progress = True
+    # Weight EMA (Polyak averaging) of the params and BN statistics, evaluated beside the raw
+    # weights (metrics.jsonl's ema_* keys) and kept in the checkpoints; 0 = off. timm's
+    # ModelEmaV3: the first update copies the weights, then ema = d * ema + (1 - d) * weights.
+    train.ema_decay = 0.0
+    # timm's warm-up: d = min(ema_decay, 1 - (1 + n / gamma) ** -power) at the n-th update after
+    # the first; gamma 1 and power 2/3 reach 0.999 at 31.6k updates (3/4: at 10k).
+    train.ema_warmup = False
+    train.ema_warmup_gamma = 1.0
+    train.ema_warmup_power = 2 / 3
+    # The training loss (resnet_jax.steps.training_loss): softmax cross-entropy, or sigmoid:
+    # binary cross-entropy per class on the (smoothed, mixed) targets, as timm's "ResNet
+    # strikes back". Evaluations report softmax cross-entropy either way.
+    train.loss = "softmax"
+    train.bce_target_threshold = 0.0  # sigmoid: targets above it -> 1, the rest -> 0 (timm's); 0 = off
 
     config.optim = optim = ml_collections.ConfigDict()
-    optim.name = "sgd"  # sgd | adam
+    # sgd | adam (after coupled L2 decay) | lars | lamb (their own decay, inside the trust ratio)
+    optim.name = "sgd"
     optim.lr = 0.1
-    optim.momentum = 0.9
-    optim.nesterov = False
-    optim.weight_decay = 1e-4  # coupled L2 term, as in the paper
+    optim.momentum = 0.9  # sgd and lars
+    optim.nesterov = False  # sgd and lars
+    optim.weight_decay = 1e-4  # sgd, adam: a coupled L2 term, as in the paper; lars, lamb: their own
     optim.decay_bn_and_bias = True  # False leaves BN scales/biases and biases undecayed
+    optim.trust_coefficient = 0.001  # lars: eta of You et al. 2017 (optax's default)
     optim.schedule = "multistep"
     # multistep: where lr is multiplied by decay_factor, in boundaries_unit: "fraction" of
     # train.total_steps (so a shortened run keeps the recipe's shape), "steps" or "epochs".
@@ -133,6 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.warmup_epochs = 0.0  # the warm-up in epochs instead (warmup_steps=0)
     optim.warmup = "linear"  # linear: warmup_lr -> lr; constant: warmup_lr throughout (ResNet-110)
     optim.warmup_lr = 0.0
+    optim.label_smoothing = 0.0  # optax.smooth_labels on the targets: (1 - s) * y + s / num_classes
 
     config.parallel = parallel = ml_collections.ConfigDict()
     parallel.backend = "shard_map"  # shard_map | pmap
@@ -197,6 +222,53 @@ def _check_model_options(model: ml_collections.ConfigDict) -> None:
         raise UserError(f"model.stochastic_depth_mode={model.stochastic_depth_mode} needs model.stochastic_depth > 0")
 
 
+def _check_optim_and_ema(optim: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> None:
+    """The optimiser's and the weight EMA's fields: in range, and none set that nothing reads."""
+    defaults = default_config()
+    if optim.nesterov and optim.name not in ("sgd", "lars"):
+        raise UserError(f"optim.nesterov=True is only read by optim.name=sgd|lars, not {optim.name}")
+    if optim.trust_coefficient != defaults.optim.trust_coefficient and optim.name != "lars":
+        raise UserError(f"optim.trust_coefficient={optim.trust_coefficient} is only read by optim.name=lars, "
+                        f"not {optim.name}")
+    _positive(optim.trust_coefficient, "optim.trust_coefficient")
+    if not 0 <= train.ema_decay < 1:
+        raise UserError(f"train.ema_decay must be in [0, 1) (0 = no weight EMA; e.g. 0.9999), got {train.ema_decay}")
+    if train.ema_warmup and not train.ema_decay:
+        raise UserError("train.ema_warmup=True needs train.ema_decay > 0 (the decay it warms up to)")
+    for field in ("ema_warmup_gamma", "ema_warmup_power"):
+        if train[field] != defaults.train[field] and not train.ema_warmup:
+            raise UserError(f"train.{field}={train[field]} is only read with train.ema_warmup=True")
+        _positive(train[field], f"train.{field}")
+
+
+def _check_loss_and_mixing(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The training loss, label smoothing and Mixup/CutMix fields."""
+    data, train = config.data, config.train
+    _choice(train.loss, LOSSES, "train.loss")
+    if not 0 <= config.optim.label_smoothing < 1:
+        raise UserError(f"optim.label_smoothing must be in [0, 1), got {config.optim.label_smoothing}")
+    if not 0 <= train.bce_target_threshold < 1:
+        raise UserError(f"train.bce_target_threshold must be in [0, 1) (0 = off), got {train.bce_target_threshold}")
+    if train.bce_target_threshold and train.loss != "sigmoid":
+        raise UserError(f"train.bce_target_threshold={train.bce_target_threshold} is only read by train.loss=sigmoid")
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        if data[field] < 0:
+            raise UserError(f"data.{field} must be >= 0 (0 = off), got {data[field]}")
+    for field in ("mix_prob", "mix_switch_prob"):
+        if not 0 <= data[field] <= 1:
+            raise UserError(f"data.{field} is a probability, in [0, 1]; got {data[field]}")
+    per_device = train.batch_size // num_devices
+    if mixing_enabled(data) and per_device % 2:
+        raise UserError(f"Mixup/CutMix pairs example 2k with 2k+1 of each device's part of the batch, and "
+                        f"train.batch_size={train.batch_size} over {num_devices} device(s) is {per_device} a device; "
+                        f"use a multiple of {2 * num_devices}")
+
+
+def mixing_enabled(data: ml_collections.ConfigDict) -> bool:
+    """Whether `data` asks for Mixup or CutMix on some batches (resnet_jax.data.mix)."""
+    return (data.mixup_alpha > 0 or data.cutmix_alpha > 0) and data.mix_prob > 0
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises UserError (one clear line) for anything that would fail later."""
     model, data, train, optim = config.model, config.data, config.train, config.optim
@@ -214,6 +286,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice(data.pipeline, PIPELINES, "data.pipeline")
     _choice(data.normalization, NORMALIZATIONS, "data.normalization")
     _choice(optim.name, OPTIMIZERS, "optim.name")
+    _check_optim_and_ema(optim, train)
     _choice(optim.schedule, SCHEDULES, "optim.schedule")
     _choice(optim.warmup, WARMUPS, "optim.warmup")
     _choice(optim.boundaries_unit, BOUNDARY_UNITS, "optim.boundaries_unit")
@@ -252,6 +325,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if train.early_stopping_split and train.early_stopping_split not in eval_names:
         raise UserError(f"train.early_stopping_split={train.early_stopping_split!r} is not one of data.eval_splits "
                         f"({', '.join(eval_names)})")
+    _check_loss_and_mixing(config, num_devices)
 
 
 def steps(num_steps: int, num_epochs: float, steps_per_epoch: int, field: str = "train.total") -> int:

@@ -22,6 +22,7 @@ Anything that does not fit (not a state dict, a key or a shape the model lacks) 
 `export` writes a run's params and BN statistics (its best checkpoint, else its latest) as
 `.safetensors` under torchvision's names (ImageNet nets) or akamaster's (CIFAR nets), so
 `torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(OUT))` works.
+`--weights=ema` writes the run's weight EMA (train.ema_decay) instead of its raw weights.
 
 Fine-tuning note: flax's BatchNorm updates the running variance with the biased batch
 variance, torch's with the unbiased one (larger by n/(n-1), n = batch x height x width).
@@ -75,6 +76,7 @@ EXPORT = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The run whose weights to write.", flag_values=EXPORT)
 flags.DEFINE_string("file", None, "Where to write them: OUT.safetensors.", flag_values=EXPORT)
 flags.DEFINE_string("checkpoint", "best", "best (else the latest), latest, or a step number.", flag_values=EXPORT)
+flags.DEFINE_string("weights", "raw", "raw, or ema: the run's weight EMA (train.ema_decay > 0).", flag_values=EXPORT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,18 +341,22 @@ def import_weights(file: str, fmt: str, config, workdir: str) -> dict:
     return {"workdir": workdir, "model": model, "variables": count, "sha256": sha256}
 
 
-def export_weights(workdir: str, file: str, checkpoint: str | int = "best") -> dict:
+def export_weights(workdir: str, file: str, checkpoint: str | int = "best", weights: str = "raw") -> dict:
     """Writes a run's params and BN statistics to `file` (.safetensors) under torch's names.
 
+    Args:
+      weights: "raw", or "ema": the run's weight EMA (params and BN statistics).
+
     Returns:
-      {"file", "format", "step", "tensors"}.
+      {"file", "format", "step", "tensors", "weights"}.
 
     Raises:
-      UserError: no run or checkpoint; a file name that is not .safetensors.
+      UserError: no run or checkpoint; a file name that is not .safetensors; ema weights
+        of a run without them.
     """
     if not file.endswith(".safetensors"):
         raise UserError(f"export writes .safetensors; name the file like OUT.safetensors, not {file!r}")
-    run = restore.load(workdir, checkpoint)  # says when "best" falls back
+    run = restore.load(workdir, checkpoint, weights=weights)  # says when "best" falls back
     fmt = FORMAT_OF_FAMILY[_family(run.config)]
     state_dict = to_state_dict(run.variables["params"], run.variables["batch_stats"], fmt,
                                batches_tracked=run.step)
@@ -360,7 +366,7 @@ def export_weights(workdir: str, file: str, checkpoint: str | int = "best") -> d
         os.replace(partial, file)  # a complete file or none
     except OSError as error:
         raise UserError(f"cannot write {file}: {error.strerror or error}") from None
-    return {"file": file, "format": fmt, "step": run.step, "tensors": len(state_dict)}
+    return {"file": file, "format": fmt, "step": run.step, "tensors": len(state_dict), "weights": weights}
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,8 +413,9 @@ def main(argv: list[str] | None = None) -> None:
                       "than torch: add --config.model.dtype=float32 for torch's logits to about 1e-6", flush=True)
         else:
             done = export_weights(os.path.expanduser(flag_values.workdir), os.path.expanduser(flag_values.file),
-                                  flag_values.checkpoint)
-            print(f"exported {done['tensors']} tensors of step {done['step']} under {done['format']}'s names "
+                                  flag_values.checkpoint, flag_values.weights)
+            what = "the weight EMA's " if done["weights"] == "ema" else ""
+            print(f"exported {what}{done['tensors']} tensors of step {done['step']} under {done['format']}'s names "
                   f"to {done['file']}", flush=True)
 
 

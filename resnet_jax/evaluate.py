@@ -1,6 +1,6 @@
 """A trained workdir -> a report: metrics, confusion matrix, mistakes, feature maps, curves.
 
-    python -m resnet_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best|latest|STEP]
+    python -m resnet_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best|latest|STEP] [--weights=raw|ema]
 
 writes `DIR/report/` (`metrics.json`, `confusion_matrix.png`, `mistakes.png`,
 `activations.png`, `curves.png` and `report.md`, which ties them together). The run is
@@ -8,7 +8,8 @@ rebuilt from `DIR/config.json` and its checkpoint alone: the model from the conf
 BN statistics and the training split's normalisation statistics from the checkpoint (no
 optimiser, no training data), onto however many devices are visible now. Every example of
 the split gets its logits exactly once (the last batch is padded and the padding masked
-out), and all metrics are computed on the host from them.
+out), and all metrics are computed on the host from them. `--weights=ema` evaluates the
+run's weight EMA (train.ema_decay) instead of its raw weights.
 
 `report(workdir, ...)` is the same as a function, for experiments.
 """
@@ -166,6 +167,7 @@ def _markdown(metrics: dict, flat_config: dict, files: dict[str, str]) -> str:
         f"# {metrics['model']} on {metrics['dataset']}: {split['name']} split",
         "",
         f"Run `{metrics['workdir']}`, checkpoint at step {ck['step']} ({ck['requested']}"
+        + (", its weight EMA" if metrics.get("weights") == "ema" else "")
         + (f"; {ck['note']}" if ck.get("note") else "") + f"), split `{split['spec']}` "
         f"({metrics['num_examples']:,} images), evaluated {metrics['evaluated_at']} on {metrics['devices']}.",
         "",
@@ -217,7 +219,7 @@ def _markdown(metrics: dict, flat_config: dict, files: dict[str, str]) -> str:
 
 
 def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
-           out_dir: str | None = None) -> dict[str, Any]:
+           out_dir: str | None = None, weights: str = "raw") -> dict[str, Any]:
     """Restores a run and writes its report (metrics.json, PNGs, report.md).
 
     Args:
@@ -227,17 +229,18 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
       checkpoint: "best" (the step recorded as best; the latest if none), "latest" (the
         newest readable checkpoint) or a step number.
       out_dir: where to write; default `workdir/report` (refused while a run trains there).
+      weights: "raw" (the trained weights) or "ema" (the run's weight EMA, train.ema_decay).
 
     Returns:
       The contents of metrics.json: `metrics.classification_report` (loss, accuracy, error,
       top5_error, per_class, macro_avg, weighted_avg, confusion_matrix, ...) plus
-      "checkpoint" ({"requested", "step", "note"}), "split" ({"name", "spec"}),
-      "recorded_error" (the error training logged for this split and step, if any),
+      "checkpoint" ({"requested", "step", "note"}), "split" ({"name", "spec"}), "weights",
+      "recorded_error" (the error training logged for this split, step and weights, if any),
       "model", "dataset", "workdir", "devices", "evaluated_at" and "files".
 
     Raises:
-      UserError: no run, no checkpoint, an unknown split or step; no `out_dir` while a
-        run is training in `workdir`.
+      UserError: no run, no checkpoint, an unknown split or step, ema weights of a run
+        without them; no `out_dir` while a run is training in `workdir`.
     """
     workdir = os.path.expanduser(workdir)
     holder = None if out_dir else rundir.live_holder(workdir)
@@ -245,6 +248,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
         raise UserError(f"{workdir} is in use by {holder} (a run is training there): evaluate writes nothing "
                         "into it; pass --out_dir=DIR for the report, or evaluate once the run has ended")
     config = rundir.load_config(workdir)
+    restore.check_weights(config, workdir, weights)
     which = rundir.parse_checkpoint(checkpoint)
     rundir.check_checkpoint(workdir, which)  # before the split, which is slower to check
     split_name, spec = resolve_split(config, split)
@@ -268,7 +272,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
     from resnet_jax import figures  # matplotlib: imported once the input has been checked
 
     parallel = Parallel(config.parallel.backend)
-    run = restore.load(workdir, which, sharding=parallel.replicated)  # says when "best" falls back
+    run = restore.load(workdir, which, sharding=parallel.replicated, weights=weights)  # says when "best" falls back
     normalization = run.normalization()
     variables, step, note = parallel.from_global(run.variables), run.step, run.note
     model = build_model(config)
@@ -277,10 +281,11 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
 
     metrics = metrics_lib.classification_report(labels, logits, names, from_logits=True)
     records = reporting.read_metrics(workdir)
-    recorded = [r.get("error") for r in records if r.get("split") == split_name and r.get("step") == step]
+    error_key = "ema_error" if weights == "ema" else "error"  # metrics.jsonl's key for these weights
+    recorded = [r.get(error_key) for r in records if r.get("split") == split_name and r.get("step") == step]
     metrics.update(
         checkpoint={"requested": str(which), "step": int(step), "note": note},
-        split={"name": split_name, "spec": spec},
+        split={"name": split_name, "spec": spec}, weights=weights,
         recorded_error=recorded[-1] if recorded else None,
         model=config.model.name, dataset=data.name, workdir=os.path.abspath(workdir),
         devices=parallel.describe(),
@@ -290,7 +295,7 @@ def report(workdir: str, split: str = "test", checkpoint: str | int = "best",
     out_dir = os.path.expanduser(out_dir) if out_dir else os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
     files = {key: f"{key}.png" for key in ("confusion_matrix", "mistakes", "activations", "curves")}
-    where = f"{config.model.name} on {data.name} {split_name}, step {step}"
+    where = f"{config.model.name} on {data.name} {split_name}, step {step}" + (", EMA weights" if weights == "ema" else "")
     figures.confusion_matrix_png(np.asarray(metrics["confusion_matrix"]), names,
                                  os.path.join(out_dir, files["confusion_matrix"]), title=where)
 
@@ -336,10 +341,11 @@ flags.DEFINE_string("split", "test", "A name from the run's data.eval_splits (te
                     flag_values=FLAGS)
 flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.", flag_values=FLAGS)
 flags.DEFINE_string("out_dir", None, "Where to write (default WORKDIR/report).", flag_values=FLAGS)
+flags.DEFINE_string("weights", "raw", "raw, or ema: the run's weight EMA (train.ema_decay > 0).", flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m resnet_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best]`.
+    """CLI: `python -m resnet_jax.evaluate --workdir=DIR [--split=test] [--checkpoint=best] [--weights=raw]`.
 
     Args:
       argv: [prog, *arguments] (sys.argv by default).
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.parse_flags(FLAGS, argv, __doc__)
         if FLAGS.workdir is None:
             raise UserError("--workdir is required, e.g. --workdir=runs/r56")
-        report(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.out_dir)
+        report(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.out_dir, FLAGS.weights)
 
 
 if __name__ == "__main__":

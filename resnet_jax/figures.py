@@ -344,6 +344,9 @@ def _split_colour(split: str, fallback_index: int) -> str:
     return _SPLIT_COLOURS.get(split, f"C{(fallback_index + 3) % 10}")
 
 
+EMA_SUFFIX = "EMA"  # a split's weight-EMA line in the legend: "test EMA"
+
+
 def curves_png(
     records: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     *, log_loss: bool | None = None, title: str = "training curves",
@@ -351,11 +354,12 @@ def curves_png(
     """Loss and top-1 error (%) against step, one line per split, from metrics.jsonl records.
 
     Train records are drawn thin (they are per-log-window and noisy), eval records bold
-    with markers (fewer points, the numbers that matter). Records lacking a key are skipped
-    for that panel only, so partial records (e.g. lr-only) do no harm.
+    with markers (fewer points, the numbers that matter); a weight EMA's ("ema_loss",
+    "ema_error") dashed in its split's colour. Records lacking a key are skipped for that
+    panel only, so partial records (e.g. lr-only) do no harm.
 
     Args:
-      records: dicts with "step", "split" and some of "loss", "error" (fraction).
+      records: dicts with "step", "split" and some of "loss", "error" (fraction), "ema_loss", "ema_error".
       path: where to write the PNG.
       log_loss: log-scale loss axis; None picks it when the loss spans over 10x.
       title: figure title.
@@ -368,11 +372,12 @@ def curves_png(
         if "step" not in record:
             continue
         split = str(record.get("split", "train"))
-        for key in ("loss", "error"):
-            value = record.get(key)
-            if value is not None and np.isfinite(value):
-                series.setdefault(split, {"loss": [], "error": []})[key].append(
-                    (float(record["step"]), float(value)))
+        for prefix, name in (("", split), ("ema_", f"{split} {EMA_SUFFIX}")):
+            for key in ("loss", "error"):
+                value = record.get(prefix + key)
+                if value is not None and np.isfinite(value):
+                    series.setdefault(name, {"loss": [], "error": []})[key].append(
+                        (float(record["step"]), float(value)))
     if not any(points for by_key in series.values() for points in by_key.values()):
         return note_png("no loss or error records yet", path, title)
 
@@ -381,10 +386,12 @@ def curves_png(
     fig, (loss_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     all_losses = []
     for index, split in enumerate(splits):
-        colour = _split_colour(split, index)
+        is_ema = split.endswith(f" {EMA_SUFFIX}")
+        base = split.removesuffix(f" {EMA_SUFFIX}")
+        colour = _split_colour(base, splits.index(base) if base in splits else index)
         is_train = split == "train"
         style = (dict(linewidth=1.0, alpha=0.8) if is_train
-                 else dict(linewidth=2.2, marker="o", markersize=4))
+                 else dict(linewidth=2.2, marker="o", markersize=4, linestyle="--" if is_ema else "-"))
         for key, ax, scale in (("loss", loss_ax, 1.0), ("error", error_ax, 100.0)):
             points = sorted(series[split][key])
             if not points:

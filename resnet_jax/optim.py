@@ -1,4 +1,4 @@
-"""Optax optimisers and learning-rate schedules, built from `config.optim`."""
+"""Optax optimisers (SGD, Adam, LARS, LAMB) and learning-rate schedules, built from `config.optim`."""
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +63,42 @@ def decay_mask(params, decay_bn_and_bias: bool):
     return jax.tree.map(lambda p: decay_bn_and_bias or p.ndim > 1, params)
 
 
+def adapted_mask(params):
+    """True where LARS/LAMB adapt the step to the layer (the trust ratio): conv/dense kernels.
+    BN scales/biases and biases keep a trust ratio of 1, as in You et al.'s ResNet runs."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _lamb(optim: ml_collections.ConfigDict, schedule: optax.Schedule, mask) -> optax.GradientTransformation:
+    """optax.lamb with a trust-ratio mask, which optax.lamb lacks: its own steps, the ratio
+    masked as optax.lars masks it. Adam's defaults (b1 0.9, b2 0.999, eps 1e-6) are the paper's."""
+    return optax.chain(
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
+        optax.add_decayed_weights(optim.weight_decay, mask),  # decoupled: after Adam, inside the ratio
+        optax.masked(optax.scale_by_trust_ratio(), adapted_mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Coupled weight decay (the paper's L2 term: added to the gradient before momentum)
-    followed by SGD with momentum (optionally Nesterov) or Adam."""
+    """SGD with momentum (optionally Nesterov) or Adam after coupled weight decay (the paper's
+    L2 term: added to the gradient before momentum); or LARS or LAMB with their own.
+
+    LARS and LAMB apply `optim.weight_decay` themselves, inside the trust ratio (LARS adds it
+    to the gradient before the ratio and momentum; LAMB, decoupled, to Adam's step before
+    the ratio), so no L2 term is added in front of them: the decay is applied once. Which
+    parameters are decayed is `decay_mask` for every optimiser; which are layer-adapted is
+    `adapted_mask`.
+    """
+    mask = lambda params: decay_mask(params, optim.decay_bn_and_bias)
+    if optim.name == "lars":
+        return optax.lars(schedule, weight_decay=optim.weight_decay, weight_decay_mask=mask,
+                          trust_coefficient=optim.trust_coefficient, trust_ratio_mask=adapted_mask,
+                          momentum=optim.momentum, nesterov=optim.nesterov)
+    if optim.name == "lamb":
+        return _lamb(optim, schedule, mask)
     if optim.name == "sgd":
         base = optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov)
     else:
         base = optax.adam(schedule)
-    mask = lambda params: decay_mask(params, optim.decay_bn_and_bias)
     return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask), base)

@@ -7,6 +7,7 @@ carriage returns would run together into one unreadable line); instead one plain
 
     step 12,800/64,000 (20 %)  loss 0.532  train err 18.2 %  lr 0.1  3,410 img/s  ETA 14 min
     eval step 12,800: test err 9.81 % (top-5 0.42 %), best 9.81 % @ 12,800
+    eval step 12,800: test err 9.81 % (top-5 0.42 %), EMA 9.12 %, best 9.81 % @ 12,800   (train.ema_decay)
 
 Only process 0 writes or prints (multi-host runs share one workdir). TensorBoard files come
 from tensorboardX, so nothing here imports TensorFlow.
@@ -88,7 +89,8 @@ class Reporter:
 
         Args:
           step: the step evaluated.
-          results: {split: {"loss", "error", "top5_error", "examples"}}; "examples" goes to
+          results: {split: {"loss", "error", "top5_error", "examples"}}, plus "ema_loss",
+            "ema_error", "ema_top5_error" for a run with a weight EMA; "examples" goes to
             metrics.jsonl only (experiments read it to size their error bars).
           best_step: the step of the best `watched` error so far (None before any).
           best_error: that error.
@@ -103,6 +105,8 @@ class Reporter:
             part = f"{name} err {_percent(result['error'])}"
             if "top5_error" in result:
                 part += f" (top-5 {_percent(result['top5_error'])})"
+            if "ema_error" in result:  # the weight EMA's, evaluated beside the weights
+                part += f", EMA {_percent(result['ema_error'])}"
             parts.append(part)
         if best_error is not None:
             # With several splits, say which one the best is on.

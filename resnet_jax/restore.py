@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from resnet_jax import ema as ema_lib
 from resnet_jax import optim, rundir, steps
 from resnet_jax.checkpoint import CheckpointReader, Checkpoints, Vanished, abstract_like, read_retrying
 from resnet_jax.errors import UserError
@@ -72,8 +73,20 @@ def default_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, in
     return (config.data.image_size, config.data.image_size, 3)
 
 
+WEIGHTS = ("raw", "ema")
+
+
+def check_weights(config: ml_collections.ConfigDict, workdir: str, weights: str) -> None:
+    """Raises UserError unless the run in `workdir` has the `weights` asked for."""
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown --weights={weights!r}; choose from {', '.join(WEIGHTS)}")
+    if weights == "ema" and not ema_lib.enabled(config.train):
+        raise UserError(f"the run in {workdir} has no weight EMA (it trained with train.ema_decay=0); use "
+                        "--weights=raw, or train with --config.train.ema_decay=0.9999 for one")
+
+
 def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sharding | None = None,
-         announce: bool = True) -> TrainedRun:
+         announce: bool = True, weights: str = "raw") -> TrainedRun:
     """Restores a run's params and BN statistics (no optimiser state).
 
     Args:
@@ -82,12 +95,14 @@ def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sh
         `rundir.choose_checkpoint`), "latest" (the newest readable) or a step.
       sharding: where the arrays go (e.g. replicated over every device); None: host numpy.
       announce: print a `note:` line when "best" falls back (the note is in the result too).
+      weights: "raw" (the trained weights) or "ema" (their weight EMA: train.ema_decay > 0).
 
     Raises:
-      UserError: no run, no checkpoint, a step not on disk, or none readable.
+      UserError: no run, no checkpoint, a step not on disk, or none readable; no EMA.
     """
     workdir = os.path.expanduser(workdir)
     config = rundir.load_config(workdir)  # UserError for a missing workdir or config.json
+    check_weights(config, workdir, weights)
     which = rundir.parse_checkpoint(checkpoint)
     rundir.check_checkpoint(workdir, which)  # no run or no such step: one error before any reading
     directory = rundir.checkpoint_dir(workdir)
@@ -103,7 +118,7 @@ def load(workdir: str, checkpoint: str | int = "best", sharding: jax.sharding.Sh
         meta = rundir.RunMeta.from_json(_layout_meta(checkpoints, target))
         image_shape = tuple(meta.image_shape or default_image_shape(config))
         abstract = steps.abstract_variables(config, image_shape)
-        return checkpoints.restore_variables(abstract_like(abstract, target_sharding), target), note
+        return checkpoints.restore_variables(abstract_like(abstract, target_sharding), target, weights), note
 
     try:
         restored, note = read_retrying(read, checkpoints.directory)
@@ -162,7 +177,8 @@ def load_state(workdir: str, step: int | None = None) -> tuple[steps.TrainState,
         meta = rundir.RunMeta.from_json(checkpoints.read_meta(newest))
         image_shape = tuple(meta.image_shape or default_image_shape(config))
         model, tx = steps.build_model(config), optimizer_for(config)
-        abstract = jax.eval_shape(lambda: steps.create_train_state(model, tx, config.train.seed, image_shape))
+        abstract = jax.eval_shape(lambda: steps.create_train_state(model, tx, config.train.seed, image_shape,
+                                                                   ema_lib.enabled(config.train)))
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         restored = checkpoints.restore(abstract_like(abstract, sharding), step)
     finally:
@@ -172,9 +188,11 @@ def load_state(workdir: str, step: int | None = None) -> tuple[steps.TrainState,
 
 
 def new_state(config: ml_collections.ConfigDict, params: Any, batch_stats: Any) -> steps.TrainState:
-    """A TrainState at step 0 holding the given variables and a fresh optimiser state."""
+    """A TrainState at step 0 holding the given variables and a fresh optimiser state (and,
+    where the config asks for one, a weight EMA starting from them)."""
     params, batch_stats = jax.tree.map(jnp.asarray, (params, batch_stats))
-    return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer_for(config).init(params))
+    ema = ema_lib.initial(*jax.tree.map(jnp.copy, (params, batch_stats))) if ema_lib.enabled(config.train) else None
+    return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer_for(config).init(params), ema)
 
 
 # ---------------------------------------------------------------------------------------

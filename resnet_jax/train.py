@@ -16,15 +16,17 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import config as config_lib
+from resnet_jax import ema as ema_lib
 from resnet_jax import optim, restore, rundir, steps
 from resnet_jax.checkpoint import Checkpoints, abstract_like
-from resnet_jax.data import pipeline
+from resnet_jax.data import mix, pipeline
 from resnet_jax.errors import NonFinite, Preempted  # raised here: callers may catch them as train.X
 from resnet_jax.parallel import AXIS, Parallel
 from resnet_jax.reporting import Reporter
 from resnet_jax.steps import TrainState, build_model, create_train_state
 
 DEPTH_STREAM = 2**31 - 1  # folded into a step's dropout key for stochastic depth; never a device index
+MIX_STREAM = 2**31 - 2  # ... and for Mixup/CutMix (the same on every device); never a device index
 
 class Trainer:
     """What `train_and_evaluate` sets up once: data, model, optimiser, the mapped steps."""
@@ -38,8 +40,11 @@ class Trainer:
         self.total_steps = config_lib.validate_lengths(config, self.steps_per_epoch)
         self.schedule = optim.make_schedule(config.optim, self.steps_per_epoch, self.total_steps)
         self.tx = optim.make_optimizer(config.optim, self.schedule)
+        self.with_ema = ema_lib.enabled(config.train)
+        self.ema_step_size = ema_lib.step_size_schedule(config.train) if self.with_ema else None
         self.model = build_model(config, AXIS if config.model.bn_sync else None)
         self.eval_model = build_model(config)
+        self.example_loss = steps.training_loss_of(config)
         # Chunks of steps_per_dispatch steps, capped at an epoch (a chunk crosses at most one
         # epoch boundary; see DevicePipeline).
         self.steps_per_dispatch = min(
@@ -54,11 +59,17 @@ class Trainer:
     def step_and_accumulate(self, state: TrainState, batch: dict, acc: dict):
         """The per-device step the pipelines run: keys from (seed, step), metrics summed."""
         _, dropout_key = pipeline.step_keys(self.config.train.seed, state.step)
-        # Stochastic depth drops a block for the global batch: its key is the same on every device.
+        # Stochastic depth drops a block for the global batch, and mixing draws one lambda and box
+        # for it: their keys are the same on every device.
         depth_key = jax.random.fold_in(dropout_key, DEPTH_STREAM)
+        if config_lib.mixing_enabled(self.config.data):
+            batch = mix.mix_batch(batch, jax.random.fold_in(dropout_key, MIX_STREAM), self.config.data,
+                                  self.config.data.num_classes)
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
         new_state, metrics = steps.train_step(state, batch, dropout_key, model=self.model, tx=self.tx,
-                                              bn_sync=self.config.model.bn_sync, depth_key=depth_key)
+                                              bn_sync=self.config.model.bn_sync, depth_key=depth_key,
+                                              ema_step_size=self.ema_step_size,
+                                              example_loss=self.example_loss)
         return new_state, steps.accumulate(acc, metrics, state.step)
 
     def evaluate_step(self, state: TrainState, batch: dict) -> dict:
@@ -67,15 +78,15 @@ class Trainer:
     @functools.cached_property
     def _abstract_state(self) -> TrainState:
         return jax.eval_shape(lambda: create_train_state(self.eval_model, self.tx, self.config.train.seed,
-                                                         tuple(self.image_shape)))
+                                                         tuple(self.image_shape), self.with_ema))
 
     def abstract_state(self) -> TrainState:
         """The layout of `init_state()`, traced (once), not compiled."""
         return self._abstract_state
 
     def init_state(self) -> TrainState:
-        init = jax.jit(create_train_state, static_argnums=(0, 1, 2, 3))
-        state = init(self.eval_model, self.tx, self.config.train.seed, tuple(self.image_shape))
+        init = jax.jit(create_train_state, static_argnums=(0, 1, 2, 3, 4))
+        state = init(self.eval_model, self.tx, self.config.train.seed, tuple(self.image_shape), self.with_ema)
         return self.parallel.replicate(jax.device_get(state))
 
     @functools.cached_property
@@ -85,12 +96,21 @@ class Trainer:
         batch = {"image": jax.ShapeDtypeStruct((1, per_device, *self.image_shape), jnp.float32),
                  "label": jax.ShapeDtypeStruct((1, per_device), jnp.int32)}
         step = lambda state, b: steps.train_step(state, b, jax.random.PRNGKey(0), model=self.eval_model,
-                                                 tx=self.tx, bn_sync=True)[1]
+                                                 tx=self.tx, bn_sync=True, ema_step_size=self.ema_step_size)[1]
         return jax.eval_shape(jax.vmap(step, in_axes=(None, 0), axis_name=AXIS), self.abstract_state(), batch)
 
     def empty_accumulator(self):
         """`steps.zero_accumulator` of the metrics `train_step` returns, on the devices."""
         return self.parallel.replicate(steps.zero_accumulator(self._metric_shapes))
+
+    def evaluate(self, state: TrainState) -> dict[str, dict]:
+        """Every eval split's {"loss", "error", "top5_error", "examples"}; with a weight EMA,
+        its numbers beside them as "ema_loss", "ema_error", "ema_top5_error"."""
+        results = self.data.evaluate(state)
+        if state.ema is not None:  # the same compiled evaluation: the state's layout is unchanged
+            for name, result in self.data.evaluate(state.ema_weights()).items():
+                results[name].update({f"ema_{key}": value for key, value in result.items() if key != "examples"})
+        return results
 
     def chunk_length(self, step: int, next_event: int) -> int:
         """Whole chunks, then single steps up to the next event: two compiled variants."""
@@ -111,7 +131,8 @@ def _restore_or_init(trainer: Trainer, checkpoints: Checkpoints) -> tuple[TrainS
         params, batch_stats, loaded, fresh = restore.load_initial_weights(init_from, host.params, host.batch_stats)
         notes.append(f"initialised from {init_from}: {len(loaded)} arrays loaded, "
                      f"{len(fresh)} fresh" + (f" ({', '.join(fresh)})" if fresh else ""))
-        state = parallel.replicate(host.replace(params=params, batch_stats=batch_stats))
+        ema = ema_lib.initial(*jax.tree.map(np.copy, (params, batch_stats))) if trainer.with_ema else None
+        state = parallel.replicate(host.replace(params=params, batch_stats=batch_stats, ema=ema))
     return state, rundir.RunMeta(), False, notes
 
 
@@ -119,8 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Returns:
-      The final evaluation: {split: {"loss", "error", "top5_error", "examples"}}, plus
-      "step" and "best" ({"step", "error"}).
+      The final evaluation: {split: {"loss", "error", "top5_error", "examples"}} (and the
+      weight EMA's "ema_loss", "ema_error", "ema_top5_error" where the run has one), plus
+      "step" and "best" ({"step", "error"}: the raw weights').
 
     Raises:
       UserError: bad config, data or workdir (nothing was compiled or written).
@@ -150,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        + (f"resuming at step {step}" if restored else
                           f"from {config.train.init_from}" if config.train.init_from else "from scratch"))
         reporter.started(workdir, checkpoints.directory)
-        for line in notes + data.start_notes():
+        recipe = [line for line in (steps.describe_loss(config), mix.describe(config.data)) if line]
+        for line in recipe + notes + data.start_notes():
             reporter.print(line)
         # Weights not trained here (imported, or fine-tuning's start) are evaluated first.
         evaluate_first = step == 0 and (restored or bool(config.train.init_from)) and meta.best_step is None
@@ -162,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _release(reporter, checkpoints, data, lock, quiet=False)
 
     minutes = (time.time() - reporter.start_time) / 60
-    parts = [f"{name} error {100 * r['error']:.2f}% (top-5 {100 * r['top5_error']:.2f}%, {r['examples']} images)"
+    parts = [f"{name} error {100 * r['error']:.2f}% (top-5 {100 * r['top5_error']:.2f}%, "
+             + (f"EMA {100 * r['ema_error']:.2f}%, " if "ema_error" in r else "") + f"{r['examples']} images)"
              for name, r in final["results"].items()]
     best = {"step": meta.best_step, "error": meta.best_error}
     if jax.process_index() == 0:
@@ -244,7 +268,7 @@ class Loop:
                     raise Preempted(f"{interrupt.signal} at step {self.step}: checkpoint saved in "
                                     f"{self.checkpoints.directory}; run the same command again to resume")
         if not self.results and self.watched is not None:  # resumed a finished run: evaluate what is there
-            self.results = self.trainer.data.evaluate(self.state)
+            self.results = self.trainer.evaluate(self.state)
         return {"results": self.results, "step": self.step}
 
     def _new_window(self) -> None:
@@ -288,7 +312,7 @@ class Loop:
     def evaluate(self) -> tuple[float, bool]:
         """Evaluates every split, tracks the best and the patience; (error, new best?)."""
         meta, patience = self.meta, self.trainer.config.train.early_stopping_patience
-        self.results = self.trainer.data.evaluate(self.state)
+        self.results = self.trainer.evaluate(self.state)
         error = self.results[self.watched]["error"]
         new_best = meta.best_error is None or error < meta.best_error
         if new_best:

@@ -42,7 +42,18 @@ def test_recipes_validate(config):
     ({"data.source": "csv"}, 1, "unknown data.source 'csv'; choose from tfds, npz, digits, synthetic"),
     ({"data.pipeline": "disk"}, 1, "unknown data.pipeline 'disk'; choose from device, stream"),
     ({"data.normalization": "zca"}, 1, "unknown data.normalization 'zca'"),
-    ({"optim.name": "rmsprop"}, 1, "unknown optim.name 'rmsprop'; choose from sgd, adam"),
+    ({"optim.name": "rmsprop"}, 1, "unknown optim.name 'rmsprop'; choose from sgd, adam, lars, lamb"),
+    ({"optim.name": "lamb", "optim.nesterov": True}, 1, "optim.nesterov=True is only read by optim.name=sgd|lars, not lamb"),
+    ({"optim.name": "lamb", "optim.trust_coefficient": 0.02}, 1,
+     "optim.trust_coefficient=0.02 is only read by optim.name=lars, not lamb"),
+    ({"optim.name": "lars", "optim.trust_coefficient": 0.0}, 1, "optim.trust_coefficient must be positive, got 0.0"),
+    ({"train.ema_decay": 1.0}, 1, "train.ema_decay must be in [0, 1) (0 = no weight EMA; e.g. 0.9999), got 1.0"),
+    ({"train.ema_decay": -0.5}, 1, "train.ema_decay must be in [0, 1)"),
+    ({"train.ema_warmup": True}, 1, "train.ema_warmup=True needs train.ema_decay > 0"),
+    ({"train.ema_decay": 0.99, "train.ema_warmup_power": 0.75}, 1,
+     "train.ema_warmup_power=0.75 is only read with train.ema_warmup=True"),
+    ({"train.ema_decay": 0.99, "train.ema_warmup": True, "train.ema_warmup_gamma": 0.0}, 1,
+     "train.ema_warmup_gamma must be positive, got 0.0"),
     ({"optim.schedule": "exponential"}, 1, "unknown optim.schedule 'exponential'"),
     ({"optim.warmup": "cubic"}, 1, "unknown optim.warmup 'cubic'; choose from linear, constant"),
     ({"optim.boundaries_unit": "hours"}, 1, "unknown optim.boundaries_unit 'hours'"),
@@ -97,7 +108,9 @@ def test_validate_accepts_the_edges():
                       {"data.eval_splits": ""}, {"train.steps_per_dispatch": 0},
                       {"model.name": "resnet18", "model.family": ""}, {"data.source": "synthetic"},
                       {"optim.schedule": "cosine", "optim.boundaries": (5,)},  # boundaries only bind multistep
-                      {"optim.boundaries_unit": "steps", "optim.boundaries": (5, 600)}):
+                      {"optim.boundaries_unit": "steps", "optim.boundaries": (5, 600)},
+                      {"optim.name": "lars", "optim.nesterov": True, "optim.trust_coefficient": 0.02},
+                      {"train.ema_decay": 0.9999, "train.ema_warmup": True, "train.ema_warmup_power": 0.75}):
         config_lib.validate(_with(**overrides), 1)
     config_lib.validate(_with(**{"train.batch_size": 64, "train.eval_batch_size": 360}), 4)
 
@@ -189,7 +202,8 @@ DEFAULTS = {
     "data": {"crop_padding": 4, "data_dir": "", "eval_resize": 256, "eval_splits": "test=test", "flip": True,
              "float_image_max": 0.0, "image_size": 32, "jpeg_draft": True, "name": "cifar10", "normalization": "per_pixel_mean",
              "num_classes": 10, "path": "", "pipeline": "device", "shuffle_buffer": 0, "source": "tfds",
-             "synthetic_examples": 2048, "train_split": "train", "workers": 0},
+             "synthetic_examples": 2048, "train_split": "train", "workers": 0,
+             "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5},
     "model": {"activation_order": "", "bn_sync": True, "bottleneck_stride": "v1.5", "dropout_rate": 0.0,
               "dtype": "float32", "family": "", "gate_bias": -6.0, "name": "resnet20", "scale_on": "shortcut",
               "shortcut": "A", "shortcut_dropout": 0.5, "shortcut_scale": 0.5, "shortcut_variant": "identity",
@@ -197,12 +211,15 @@ DEFAULTS = {
     "optim": {"boundaries": (0.5, 0.75), "boundaries_unit": "fraction", "cycle_steps": 2000, "decay_bn_and_bias": True,
               "decay_factor": 0.1, "lr": 0.1, "min_lr": 0.0, "momentum": 0.9, "name": "sgd", "nesterov": False,
               "schedule": "multistep", "step_every_epochs": 30, "warmup": "linear", "warmup_epochs": 0.0,
-              "warmup_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4},
+              "warmup_lr": 0.0, "warmup_steps": 0, "weight_decay": 1e-4, "trust_coefficient": 0.001,
+              "label_smoothing": 0.0},
     "overwrite": False,
     "parallel": {"backend": "shard_map"},
     "train": {"batch_size": 128, "checkpoint_every": 1000, "early_stopping_patience": 0, "early_stopping_split": "",
               "eval_batch_size": 1000, "eval_every": 0, "init_from": "", "keep_checkpoints": 3, "log_every": 100,
-              "progress": True, "seed": 0, "steps_per_dispatch": 0, "total_epochs": 0.0, "total_steps": 64000},
+              "progress": True, "seed": 0, "steps_per_dispatch": 0, "total_epochs": 0.0, "total_steps": 64000,
+              "ema_decay": 0.0, "ema_warmup": False, "ema_warmup_gamma": 1.0, "ema_warmup_power": 2 / 3,
+              "loss": "softmax", "bce_target_threshold": 0.0},
 }
 
 

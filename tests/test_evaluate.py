@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from resnet_jax import evaluate, rundir, steps, train
+from resnet_jax import convert, evaluate, rundir, steps, train
 from resnet_jax.checkpoint import Checkpoints, abstract_like
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError
@@ -165,6 +165,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(run, tmp_path):
         "no checkpoints in": ["--workdir", str(config_only)],
         "unknown split 'bogus'.*eval splits \\(test\\)": ["--workdir", workdir, "--split", "bogus"],
         "--checkpoint must be": [f"--workdir={workdir}", "--checkpoint=nope"],
+        "the run in .* has no weight EMA \\(it trained with train.ema_decay=0\\); use --weights=raw":
+            [f"--workdir={workdir}", "--weights=ema"],
+        "unknown --weights='best'; choose from raw, ema": [f"--workdir={workdir}", "--weights=best"],
     }
     for expected, args in cases.items():
         result = _cli(*args)
@@ -173,6 +176,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(run, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:"), (args, result.stderr[-2000:])
         assert re.search(expected, lines[0]) and "Traceback" not in result.stderr, lines[0]
     assert not os.path.exists(config_only / "checkpoints")  # nothing was created
+    with pytest.raises(UserError, match="has no weight EMA"):  # nor can export write one
+        convert.export_weights(workdir, str(tmp_path / "ema.safetensors"), weights="ema")
+    assert not os.path.exists(tmp_path / "ema.safetensors")
 
 
 def test_same_numbers_on_seven_devices_with_shard_map_and_pmap(run, evaluated, tmp_path):

@@ -81,6 +81,10 @@ def test_checkpoint_meta_of_the_wrong_kind_is_skipped(tmp_path, capsys):
     assert "normalization" in checkpoint.meta_problem({"normalization": {"mean": "x", "std": [1]}})
     assert checkpoint.meta_problem({"step": 3, "best_step": None, "image_shape": [8, 8, 3],
                                     "normalization": {"mean": [0.5], "std": [1.0]}}) is None
+    # per_pixel_mean (the CIFAR recipe's) records its mean as [H][W][C]: a readable meta.
+    assert checkpoint.meta_problem({"normalization": {"mean": [[[0.5, 1], [2.0, 3]]], "std": [1.0]}}) is None
+    assert "normalization" in checkpoint.meta_problem({"normalization": {"mean": [[0.5, "x"]], "std": [1.0]}})
+    assert "normalization" in checkpoint.meta_problem({"normalization": {"mean": [[]], "std": [1.0]}})
     saved = checkpoint.Checkpoints(str(tmp_path))
     try:
         saved.save(1, _tiny_state(1.0), {"step": 1})

@@ -1,10 +1,11 @@
 """resnet_jax.optim beyond tests/test_train.py's schedule checks (the cases
 mutation testing showed untested): boundaries in epochs and steps, warm-up in epochs, the cosine and cyclical
-floors, which parameters are decayed, momentum, Nesterov and Adam."""
+floors, which parameters are decayed, momentum, Nesterov and Adam; LARS and LAMB against optax."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import cifar
@@ -85,3 +86,83 @@ def test_momentum_nesterov_and_adam():
     np.testing.assert_allclose(second, -0.1 * g, rtol=1e-6)  # plain SGD
     first, _, g = _two_updates(name="adam")
     np.testing.assert_allclose(first, -0.1 * np.sign(g), rtol=1e-4)  # Adam's first step: lr * sign
+
+
+# -- LARS and LAMB ----------------------------------------------------------------------
+
+def _toy_params_and_grads():
+    """Kernels (adapted, decayed) beside BN scales/biases and a dense bias (neither, with
+    decay_bn_and_bias=False), at scales whose trust ratios are far from 1."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 15)
+    shapes = {"conv": {"kernel": (3, 3, 2, 4)}, "bn": {"scale": (4,), "bias": (4,)},
+              "head": {"kernel": (4, 3), "bias": (3,)}}
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    params = treedef.unflatten([3.0 * jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+    grads = [treedef.unflatten([0.1 * jax.random.normal(k, s) for k, s in zip(keys[5 + 5 * i:], leaves)]) for i in (0, 1)]
+    return params, grads
+
+
+def _two_steps(tx, params, grads):
+    """The updates of two steps (the second sees momentum / Adam's moments)."""
+    state, out = tx.init(params), []
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(updates)
+    return out
+
+
+KERNELS = (("conv", "kernel"), ("head", "kernel"))
+BN_AND_BIAS = (("bn", "scale"), ("bn", "bias"), ("head", "bias"))
+
+
+def _leaf(tree, path):
+    return np.asarray(tree[path[0]][path[1]])
+
+
+def test_lamb_is_optaxs_on_kernels_and_plain_adam_on_bn_and_biases():
+    config = _optim(name="lamb", schedule="constant", lr=0.1, weight_decay=0.05, decay_bn_and_bias=False)
+    params, grads = _toy_params_and_grads()
+    ours = _two_steps(optim.make_optimizer(config, optim.make_schedule(config, 1, 10)), params, grads)
+    mask = optim.decay_mask(params, False)
+    # optax.lamb adapts every leaf (it has no trust-ratio mask): its kernels are ours, decayed once.
+    lamb = _two_steps(optax.lamb(0.1, weight_decay=0.05, mask=mask), params, grads)
+    # BN and biases: trust ratio 1 and no decay, i.e. Adam with LAMB's eps.
+    adam = _two_steps(optax.adam(0.1, b1=0.9, b2=0.999, eps=1e-6), params, grads)
+    for step in range(2):
+        for path in KERNELS:
+            np.testing.assert_array_equal(_leaf(ours[step], path), _leaf(lamb[step], path))
+            assert not np.allclose(_leaf(ours[step], path), _leaf(adam[step], path))  # the ratio is not 1
+        for path in BN_AND_BIAS:
+            np.testing.assert_array_equal(_leaf(ours[step], path), _leaf(adam[step], path))
+
+
+def test_lamb_decaying_bn_and_bias_still_leaves_them_unadapted():
+    config = _optim(name="lamb", schedule="constant", lr=0.1, weight_decay=0.05, decay_bn_and_bias=True)
+    params, grads = _toy_params_and_grads()
+    ours = _two_steps(optim.make_optimizer(config, optim.make_schedule(config, 1, 10)), params, grads)
+    lamb = _two_steps(optax.lamb(0.1, weight_decay=0.05), params, grads)
+    decoupled = _two_steps(optax.chain(optax.scale_by_adam(eps=1e-6), optax.add_decayed_weights(0.05),
+                                       optax.scale_by_learning_rate(0.1)), params, grads)
+    for path in KERNELS:
+        np.testing.assert_array_equal(_leaf(ours[1], path), _leaf(lamb[1], path))
+    for path in BN_AND_BIAS:
+        np.testing.assert_array_equal(_leaf(ours[1], path), _leaf(decoupled[1], path))
+
+
+def test_lars_is_optaxs_with_the_same_masks_and_plain_sgd_on_bn_and_biases():
+    config = _optim(name="lars", schedule="constant", lr=0.5, weight_decay=0.01, decay_bn_and_bias=False,
+                    momentum=0.9, trust_coefficient=0.02)
+    params, grads = _toy_params_and_grads()
+    ours = _two_steps(optim.make_optimizer(config, optim.make_schedule(config, 1, 10)), params, grads)
+    lars = _two_steps(optax.lars(0.5, weight_decay=0.01, weight_decay_mask=optim.decay_mask(params, False),
+                                 trust_coefficient=0.02, trust_ratio_mask=optim.adapted_mask(params), momentum=0.9),
+                      params, grads)
+    sgd = _two_steps(optax.sgd(0.5, momentum=0.9), params, grads)
+    assert jax.tree.leaves(optim.adapted_mask(params)) == [False, False, True, False, True]  # bn, conv, head
+    for step in range(2):
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours[step]), jax.tree.leaves(lars[step])))
+        for path in BN_AND_BIAS:  # trust ratio 1, no decay: momentum SGD
+            np.testing.assert_allclose(_leaf(ours[step], path), _leaf(sgd[step], path), rtol=1e-6)
+        for path in KERNELS:
+            assert not np.allclose(_leaf(ours[step], path), _leaf(sgd[step], path))

@@ -169,6 +169,11 @@ def test_stop_and_rerun_resumes_bitwise(tmp_path):
     straight, _ = restore_state(tmp_path / "straight")
     resumed, step = restore_state(tmp_path / "resumed")
     assert step == 20 and tree_equal(straight, resumed)
+    # No weight EMA: no state for it, no checkpoint item, no metrics.jsonl keys (the layout runs always had).
+    assert straight.ema is None and sorted(n for n in os.listdir(tmp_path / "straight" / "checkpoints" / "20")
+                                           if (tmp_path / "straight" / "checkpoints" / "20" / n).is_dir()) == \
+        ["meta", "optimizer", "variables"]
+    assert not any(key.startswith("ema") for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") for key in r)
 
 
 # -- augmentation and data order --------------------------------------------------------
