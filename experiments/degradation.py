@@ -67,7 +67,8 @@ flags.DEFINE_enum("family", "v1", ["v1", "preact"], "v1: He et al. 2015's nets; 
 PREACT_PAPER_TEST_ERROR = {("resnet", 110): (6.37, "He et al. 2016, Table 2"),
                            ("resnet", 164): (5.46, "He et al. 2016, Table 2")}
 flags.DEFINE_list("depths", None, "CIFAR depths 6n+2, comma separated (default: paper 20,32,44,56; gpu and "
-                  "short 20,56; smoke 8,14).", flag_values=FLAGS)
+                  "short 20,56; smoke 8,14); with --family=preact also the bottleneck depths 9n+2 from 164 "
+                  "(164, 1001).", flag_values=FLAGS)
 
 
 def plan(schedule: str, depths: Sequence[int], seeds: int, data: str | None,
@@ -196,7 +197,8 @@ def run_experiment(workdir: str, *, schedule: str = "paper", depths: Sequence[in
     Returns:
       (rows of results.json, {run name: why it is left for the next invocation}).
     """
-    depths = runs.parse_depths([str(d) for d in depths] if depths else None, DEFAULT_DEPTHS[schedule])
+    depths = runs.parse_depths([str(d) for d in depths] if depths else None, DEFAULT_DEPTHS[schedule],
+                               preact=family == "preact")
     planned = plan(schedule, depths, seeds, data, family)  # bad --data fails here, before JAX loads
     concurrent, calibrated = runs.sharing(str(concurrent), calibration, budget_s)
     records = runs.parse_records(records)

@@ -19,8 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix
-from sklearn.metrics import precision_recall_fscore_support
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -130,6 +128,11 @@ def classification_report(
     top5_k = min(5, num_classes)
     top5_hit = (ranked[:, :top5_k] == labels[:, None]).any(axis=1)
     accuracy = float((predictions == labels).mean())
+
+    # scikit-learn (with SciPy) takes seconds to import: only a report needs it, not every
+    # training process (resnet_jax.steps imports this module).
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+    from sklearn.metrics import precision_recall_fscore_support
 
     # labels=range(C) so that classes absent from this split still get a row and column.
     class_indices = list(range(num_classes))

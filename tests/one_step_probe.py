@@ -1,7 +1,12 @@
-"""Run as a script in a subprocess with N fake devices: one train step of the tiny model on
-a fixed batch, through `Trainer.train_on_batch` (the per-device step under shard_map or pmap).
-Writes the state before and after to an .npz: python one_step_probe.py BACKEND BN_SYNC OUT"""
+"""Run as a script in a subprocess with N fake devices: a few train steps of the tiny model on
+a fixed batch, through `Trainer.train_on_batch` (the per-device step under shard_map or pmap),
+for several configs in one process (one JAX start-up for all of them). Writes each config's
+state before and after to one .npz, keys prefixed "NAME/":
 
+    python one_step_probe.py OUT.npz STEPS '{"NAME": {"parallel.backend": "pmap", ...}, ...}'
+"""
+
+import json
 import sys
 
 import jax
@@ -24,15 +29,25 @@ def flat(prefix, tree):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-if __name__ == "__main__":
-    backend, bn_sync, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
-    config = tiny_config(**{"parallel.backend": backend, "model.bn_sync": bn_sync})
-    parallel = Parallel(backend)
+def probe(overrides: dict, steps: int = 1) -> dict:
+    """tiny_config(**overrides) trained `steps` steps on `fixed_batch` on this process's
+    devices: {"before[...]": ..., "after[...]": ...} of (params, batch_stats). The steps are
+    steps 0, 1, ... of the run, so their keys (dropout, stochastic depth) are the trainer's."""
+    config = tiny_config(**overrides)
+    parallel = Parallel(config.parallel.backend)
     trainer = train.Trainer(config, parallel)
     state = trainer.init_state()
     before = parallel.unreplicate(state)
     acc = trainer.empty_accumulator()
-    state, acc = trainer.train_on_batch(state, parallel.shard(fixed_batch()), acc)
+    for _ in range(steps):
+        state, acc = trainer.train_on_batch(state, parallel.shard(fixed_batch()), acc)
     after = parallel.unreplicate(state)
-    np.savez(out, **flat("before", (before.params, before.batch_stats)),
-             **flat("after", (after.params, after.batch_stats)), devices=parallel.num_devices)
+    return {**flat("before", (before.params, before.batch_stats)), **flat("after", (after.params, after.batch_stats))}
+
+
+if __name__ == "__main__":
+    out, steps, cases = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    arrays = {"devices": jax.device_count()}
+    for name, overrides in cases.items():
+        arrays.update({f"{name}/{key}": value for key, value in probe(overrides, steps).items()})
+    np.savez(out, **arrays)

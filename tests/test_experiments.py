@@ -118,6 +118,8 @@ def test_degradation_smoke_end_to_end_and_resume(tmp_path):
 def test_bad_flags_are_one_line_and_exit_2(tmp_path):
     for command, expected in (
         (_command("degradation", f"--workdir={tmp_path}", "--depths=20,21"), "error: --depths: '21' is not a CIFAR depth"),
+        (_command("degradation", f"--workdir={tmp_path}", "--family=preact", "--depths=164,1000"),
+         "error: --depths: '1000' is not a pre-activation CIFAR depth: 6n+2 (8, 14, 20, ..., 110) or a bottleneck"),
         (_command("degradation", f"--workdir={tmp_path}", "--schedule=fast"),
          "error: bad flags: flag --schedule=fast: value should be one of <paper|gpu_paper|gpu|short|smoke>"),
         (_command("degradation", f"--workdir={tmp_path}", "--data=npz:/no/such.npz"), "error: --data: file not found"),

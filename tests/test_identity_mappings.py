@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import degradation, identity_mappings
+from experiments import degradation, identity_mappings, runs
 from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError
 
@@ -53,6 +53,46 @@ def test_degradation_preact_family_plans_v2_twins():
                                             "preresnet56,short"]
     assert {r.config().model.name for r in planned} == {"preplain20", "preresnet20", "preplain56", "preresnet56"}
     assert [r.variant for r in degradation.plan("short", [20], 1, None)] == ["plain20,short", "resnet20,short"]
+
+
+def _accepts(parse, depth) -> bool:
+    try:
+        return parse(depth) is not None
+    except (UserError, ValueError):
+        return False
+
+
+def test_degradation_preact_depths_are_what_configs_build():
+    """--family=preact takes exactly the depths configs/cifar.py builds preresnet/preplain
+    nets of (basic 6n+2, bottleneck 9n+2 from 164: preresnet164, preresnet1001); the v1
+    family exactly those of resnet/plain."""
+    from resnet_jax import models
+
+    for preact, name in ((True, "preresnet"), (False, "resnet")):
+        ours = {d for d in range(1210) if _accepts(lambda d: runs.parse_depths([str(d)], [], preact=preact), d)}
+        built = {d for d in range(1210) if _accepts(lambda d: models.create(f"{name}{d}", family="cifar"), d)}
+        assert ours == built
+    planned = degradation.plan("smoke", runs.parse_depths(["1001", "164"], [], preact=True), 1, None, family="preact")
+    assert [r.variant for r in planned] == ["preplain164,smoke", "preresnet164,smoke", "preplain1001,smoke",
+                                            "preresnet1001,smoke"]
+    for run in planned:
+        config = run.config()
+        config_lib.validate(config, 1)
+        assert (config.model.shortcut, config.model.bottleneck_stride) == ("B", "v1")  # the bottleneck recipe
+
+
+@pytest.mark.parametrize("family,depth,expected", [
+    ("preact", 1001, "--data: file not found"),  # the depth passed; the next flag is checked
+    ("preact", 1000, "--depths: '1000' is not a pre-activation CIFAR depth: 6n+2 (8, 14, 20, ..., 110) or "
+                     "a bottleneck depth 9n+2 from 164 (164, 173, ..., 1001)"),
+    ("v1", 1001, "--depths: '1001' is not a CIFAR depth 6n+2"),
+])
+def test_degradation_depths_follow_the_family(tmp_path, family, depth, expected):
+    """(test_experiments checks that such a UserError reaches the user as one `error:` line.)"""
+    with pytest.raises(UserError) as raised:
+        degradation.run_experiment(str(tmp_path / "w"), family=family, depths=[depth], data="npz:/no/such.npz")
+    assert str(raised.value).startswith(expected), raised.value
+    assert not any(tmp_path.iterdir())
 
 
 def test_activations_smoke_end_to_end_and_resume(tmp_path):

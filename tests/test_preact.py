@@ -488,12 +488,17 @@ def test_stochastic_depth_composes_with_drop_blocks():
 # Stochastic depth in the trainer: its draws are a function of (seed, step).
 
 
-def test_resume_across_dropped_blocks_is_bitwise(tmp_path):
-    """20 steps straight vs 10 + resume to 20, with blocks dropped in the resumed part; and
-    the drops really happen in training (the run differs from one without them)."""
+def test_resume_across_dropped_blocks_is_bitwise(tmp_path, capsys):
+    """20 steps straight vs its checkpoint 10 resumed to 20 (as after a `kill -9`), with
+    blocks dropped in the resumed part; and the drops really happen in training (a step
+    differs from the same step without them). In this process: resnet_jax.main only parses
+    flags and calls train_and_evaluate."""
+    import shutil
+
     from resnet_jax import train
     from resnet_jax.data import pipeline
-    from tests.helpers import restore_state, run_main, tree_equal
+    from tests.helpers import restore_state, tiny_config, tree_equal
+    from tests.one_step_probe import probe
 
     common = {"optim.schedule": "constant", "train.checkpoint_every": 5, "model.stochastic_depth": 0.5}
     # Which blocks the trainer drops at steps 10..19 (the draw depends on the key and the
@@ -501,22 +506,25 @@ def test_resume_across_dropped_blocks_is_bitwise(tmp_path):
     model = models.create("resnet8", stochastic_depth=0.5)
     images = IMAGES
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
-    dropped = []
-    for step in range(10, 20):
-        key = jax.random.fold_in(pipeline.step_keys(0, jnp.int32(step))[1], train.DEPTH_STREAM)
-        dropped.append(~np.asarray(_kept_blocks(model, variables, key, images)))
-    assert np.any(dropped)
+    dropped = lambda step: ~np.asarray(_kept_blocks(model, variables, jax.random.fold_in(  # noqa: E731
+        pipeline.step_keys(0, jnp.int32(step))[1], train.DEPTH_STREAM), images))
+    assert np.any([dropped(step) for step in range(10, 20)]) and np.any(dropped(0))
 
-    run_main(tmp_path / "straight", common)
-    run_main(tmp_path / "resumed", {**common, "train.total_steps": 10})
-    second = run_main(tmp_path / "resumed", common)
-    assert "resuming at step 10" in second.stdout
+    config = tiny_config(**common)
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for step in ("15", "20"):  # the run died after writing checkpoint 10
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
+    capsys.readouterr()
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert "resuming at step 10" in capsys.readouterr().out
     straight, _ = restore_state(tmp_path / "straight")
     resumed, step = restore_state(tmp_path / "resumed")
     assert step == 20 and tree_equal(straight, resumed)
-    run_main(tmp_path / "without", {**common, "model.stochastic_depth": 0.0})
-    without, _ = restore_state(tmp_path / "without")
-    assert not tree_equal(straight.params, without.params)
+    # Step 0 drops blocks too: its update is not the one without them.
+    with_drops, without = probe(common), probe({**common, "model.stochastic_depth": 0.0})
+    assert not tree_equal([with_drops[k] for k in sorted(with_drops) if k.startswith("after")],
+                          [without[k] for k in sorted(without) if k.startswith("after")])
 
 
 @pytest.mark.parametrize("name,block,last_conv", [("preresnet14", 1, "conv2"), ("preresnet14", 3, "conv2"),

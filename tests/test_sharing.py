@@ -52,13 +52,14 @@ def _lifetime(log_path):
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
-    """The smoke study (plain-8, ResNet-8) twice: 2 at once under a stub MPS, with its records
-    copied out; and one run after another in one process."""
+    """The smoke study (plain-8, ResNet-8) twice: one run after another in one process; and 2
+    at once under a stub MPS, with its records copied out (its children find the programs
+    compiled for the first in the compilation cache they share)."""
     base = tmp_path_factory.mktemp("sharing")
     records = base / "records"
     records.mkdir()
-    together = _degradation(base / "together", "--concurrent=2", f"--records={records}", env=_stub_env(base))
     alone = _degradation(base / "alone")
+    together = _degradation(base / "together", "--concurrent=2", f"--records={records}", env=_stub_env(base))
     return base, together, alone
 
 

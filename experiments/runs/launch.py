@@ -146,7 +146,10 @@ def _train_children(todo, total: int, outcome: Outcome, k: int, use_mps: bool, l
                     cache_dir, grace_s, cwd, stop_when) -> None:
     first_dir = todo[0][2]
     logs_dir = logs_dir or os.path.join(os.path.dirname(first_dir), "logs")
-    cache_dir = cache_dir or os.path.join(os.path.dirname(first_dir), "jax_cache")
+    # A compilation cache the environment already names (a user's, a test suite's) is shared
+    # with it: programs compiled there before need not compile again in these children.
+    cache_dir = (os.environ.get("JAX_COMPILATION_CACHE_DIR") or cache_dir
+                 or os.path.join(os.path.dirname(first_dir), "jax_cache"))
     os.makedirs(logs_dir, exist_ok=True)
     env = gpu_share.child_env(k, cache_dir)
     info = machine.probe(cwd=cwd, env=env)  # the card, from a child: this process keeps off the GPU

@@ -17,6 +17,9 @@ from absl import flags
 
 from resnet_jax.errors import UserError
 
+# resnet_jax.models.resnet's PREACT_BOTTLENECK_MIN_DEPTH (not imported: it would load JAX
+# before a bad flag is told).
+PREACT_BOTTLENECK_MIN_DEPTH = 164
 CONFIG_FILE = "configs/cifar.py"  # resolves to the installed recipe from any directory
 MAIN = "python -m resnet_jax.main"
 
@@ -143,14 +146,22 @@ def parse_data(spec: str | None) -> tuple[str, dict]:
     raise UserError(f"--data={spec!r}: use tfds, synthetic or npz:PATH")
 
 
-def parse_depths(values: Sequence[str] | None, default: Sequence[int], flag: str = "--depths") -> list[int]:
-    """["20", "56"] -> [20, 56], sorted, without repeats; each a CIFAR depth 6n+2 >= 8."""
+def parse_depths(values: Sequence[str] | None, default: Sequence[int], flag: str = "--depths",
+                 preact: bool = False) -> list[int]:
+    """["20", "56"] -> [20, 56], sorted, without repeats; each a CIFAR depth 6n+2 >= 8, or
+    for pre-activation nets (`preact`) also a bottleneck depth 9n+2 from 164 (164, 1001):
+    the depths configs/cifar.py builds for resnet/plain<d> and preresnet/preplain<d>."""
     if not values:
         return sorted(default)
     depths = set()
     for item in values:
         item = str(item).strip()
-        if not item.isdigit() or int(item) < 8 or (int(item) - 2) % 6:
-            raise UserError(f"{flag}: {item!r} is not a CIFAR depth 6n+2 (8, 14, 20, ..., 56, ..., 110, ..., 1202)")
-        depths.add(int(item))
+        depth = int(item) if item.isdigit() else 0
+        basic = depth >= 8 and (depth - 2) % 6 == 0
+        bottleneck = preact and depth >= PREACT_BOTTLENECK_MIN_DEPTH and (depth - 2) % 9 == 0
+        if not (basic or bottleneck):
+            raise UserError(f"{flag}: {item!r} is not a pre-activation CIFAR depth: 6n+2 (8, 14, 20, ..., 110) or "
+                            f"a bottleneck depth 9n+2 from 164 (164, 173, ..., 1001)" if preact else
+                            f"{flag}: {item!r} is not a CIFAR depth 6n+2 (8, 14, 20, ..., 56, ..., 110, ..., 1202)")
+        depths.add(depth)
     return sorted(depths)
