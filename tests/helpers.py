@@ -24,8 +24,12 @@ def tiny_config(**overrides):
     tiny_config(**{"train.total_steps": 40})."""
     from configs import digits
 
-    config = digits.get_config("resnet8")
-    for key, value in {**TINY, **overrides}.items():
+    return override(digits.get_config("resnet8"), {**TINY, **overrides})
+
+
+def override(config, overrides: dict):
+    """`config` with `overrides` ({"train.total_steps": 40, ...}, dotted names) applied in place."""
+    for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
         for parent in parents:

@@ -5,6 +5,7 @@ training), so the mutation run (scripts/mutation.sh) can use them."""
 import pytest
 
 from configs import cifar, digits, imagenet
+from helpers import override
 from resnet_jax import config as config_lib
 from resnet_jax.errors import UserError
 
@@ -13,14 +14,7 @@ GE = "train.eval_every, train.total_epochs, optim.warmup_steps, optim.warmup_epo
 
 
 def _with(**overrides):
-    config = digits.get_config()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return override(digits.get_config(), overrides)
 
 
 @pytest.mark.parametrize("config", [cifar.get_config("resnet56"), cifar.get_config("plain20"),

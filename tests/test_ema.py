@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 
 from configs import cifar
-from helpers import read_jsonl, restore_state, tiny_config, tree_equal
+from helpers import override, read_jsonl, restore_state, tiny_config, tree_equal
 from resnet_jax import convert, ema, evaluate, reporting, steps, train
 from resnet_jax.data import device as device_data
 from resnet_jax.data import sources
@@ -111,11 +111,7 @@ SMOKE = {"optim.name": "lamb", "train.ema_decay": 0.9, "optim.schedule": "consta
 
 def _smoke(**overrides):
     """configs/cifar.py:resnet8,smoke (8 steps, evaluations and checkpoints at 4 and 8) with `overrides`."""
-    config = cifar.get_config("resnet8,smoke")
-    for key, value in {**SMOKE, **overrides}.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return override(cifar.get_config("resnet8,smoke"), {**SMOKE, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,9 @@ each sets what its source says, and each trains end to end on tiny data and resu
 import pytest
 
 from configs import cifar
-from helpers import read_jsonl, restore_state
+from helpers import override, read_jsonl, restore_state
 from resnet_jax import config as config_lib
 from resnet_jax import train
-
-
-def _set(config, overrides: dict):
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
 
 
 def test_cifar_modern_sets_the_recipe_and_keeps_the_schedule():
@@ -31,10 +24,10 @@ def test_cifar_modern_sets_the_recipe_and_keeps_the_schedule():
 def test_cifar_modern_smoke_trains_end_to_end_and_resumes(tmp_path, capsys):
     quick = {"train.progress": False, "train.steps_per_dispatch": 1}
     workdir = str(tmp_path)
-    first = train.train_and_evaluate(_set(cifar.get_config("resnet8,modern,smoke"),
+    first = train.train_and_evaluate(override(cifar.get_config("resnet8,modern,smoke"),
                                           {**quick, "train.total_steps": 4}), workdir)
     assert first["step"] == 4
-    result = train.train_and_evaluate(_set(cifar.get_config("resnet8,modern,smoke"), quick), workdir)
+    result = train.train_and_evaluate(override(cifar.get_config("resnet8,modern,smoke"), quick), workdir)
     out = capsys.readouterr().out
     assert result["step"] == 8 and "resuming at step 4" in out, out[-2000:]
     assert "dominant label" in out  # the log says what the train error means under CutMix
@@ -96,7 +89,7 @@ def test_imagenet_recipe_smoke_trains_end_to_end_and_resumes(recipe, tiny_imagen
     from resnet_jax.data import stream
 
     def config(total_steps):
-        return _set(imagenet.get_config(f"resnet50,{recipe}"),
+        return override(imagenet.get_config(f"resnet50,{recipe}"),
                     {**TINY, **tiny_imagenet, "train.total_steps": total_steps, "optim.warmup_epochs": 0.25})
 
     assert train.train_and_evaluate(config(2), str(tmp_path))["step"] == 2

@@ -390,10 +390,11 @@ def make_stream(config, split: str, *, train: bool, global_batch_size: int, seed
         raise UserError(f"batch size {global_batch_size} does not divide over {process_count} hosts")
     if not 0 <= process_index < process_count or seed < 0:
         raise ValueError(f"bad process_index={process_index}/{process_count} or seed={seed}")
-    size = data.image_size if train else (data.eval_image_size or data.image_size)
-    if data.eval_resize < (data.eval_image_size or data.image_size):
+    eval_size = data.eval_image_size or data.image_size
+    if data.eval_resize < eval_size:
         field = "data.eval_image_size" if data.eval_image_size else "data.image_size"
-        raise UserError(f"data.eval_resize={data.eval_resize} is below {field}={data.eval_image_size or data.image_size}")
+        raise UserError(f"data.eval_resize={data.eval_resize} is below {field}={eval_size}")
+    size = data.image_size if train else eval_size
     source = _open(data.name, split, data.data_dir)
     n = len(source)
     if train and n < global_batch_size:
