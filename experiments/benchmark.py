@@ -10,9 +10,11 @@
 - device: `train_and_evaluate` end to end on device-resident data (gather, augmentation,
   per-epoch evaluation and checkpoints included), from its logged images/s.
 - stream: the grain pipeline's rate in images/s per worker (one core) and for --workers
-  processes, before (full JPEG decode, float32 out) and now (draft decode, uint8 out), beside
-  tf.data's decode_and_crop_jpeg + resize + flip on the same JPEGs and cores (the headline
-  ratio); the per-stage split; the draft's PSNR against a full decode. JPEGs: crops of
+  processes, before (full JPEG decode, float32 out) and now (draft decode, uint8 out; with
+  and without the antialiased resize), beside tf.data's decode_and_crop_jpeg + resize + flip
+  on the same JPEGs and cores, once per resize: flax's example's bicubic, and bilinear with
+  and without antialiasing (each stream mode's like-for-like reference: the headline
+  ratios); the per-stage split; the draft's PSNR against a full decode. JPEGs: crops of
   scikit-learn's sample photos (or --tfds_name's). --steps batches of --batch per round.
 Prints one table row per configuration (and appends it to --json as a JSON line).
 """
@@ -47,7 +49,8 @@ flags.DEFINE_string("npz", "", "device: train on this .npz (e.g. CIFAR-10) inste
 flags.DEFINE_string("tfds_name", "", "stream: a prepared TFDS dataset to decode.", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", "", "stream: TFDS data_dir.", flag_values=FLAGS)
 flags.DEFINE_integer("workers", 1, "stream: grain worker processes.", flag_values=FLAGS)
-flags.DEFINE_integer("rounds", 3, "stream: interleaved rounds of before / now / now without antialiasing / tf.data.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "stream: interleaved rounds of before / now / now without antialiasing / "
+                     "the three tf.data pipelines.", flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.", flag_values=FLAGS)
 
 # Dense bf16 / fp32 (TF32 off) peak FLOP/s of the cards we report on.
@@ -312,12 +315,21 @@ def _stages(load, batches: int, normalise: bool) -> dict:
     return {k: 1e3 * v / (batches * load.local_batch) for k, v in ms.items()}
 
 
-def _tf_rate(jpegs, size: int, threads: int, batch: int, batches: int) -> float:
+# tf.data's preprocessing as three references, one per resize: flax's imagenet example as
+# written (bicubic, no antialiasing), and the two like-for-like ones for the stream's two
+# resizes (bilinear without antialiasing: data.resize_antialias=False; bilinear with it: the
+# default, the same triangle filter widened by the shrink factor as Pillow's).
+TF_RESIZES = {"tf_flax": ("bicubic", False), "tf_bilinear": ("bilinear", False), "tf_antialias": ("bilinear", True)}
+
+
+def _tf_rate(jpegs, size: int, threads: int, batch: int, batches: int, resize: str = "tf_flax") -> tuple[float, float]:
     """(images/s, images per CPU second) of flax's imagenet example's train preprocessing in
-    tf.data on `threads` threads: sample_distorted_bounding_box + decode_and_crop_jpeg + bilinear resize + flip,
-    cast to uint8 (the same output as the stream's workers)."""
+    tf.data on `threads` threads: sample_distorted_bounding_box + decode_and_crop_jpeg + resize
+    (`TF_RESIZES[resize]`) + flip, cast to uint8 (the same output as the stream's workers)."""
     # TensorFlow here only, for the comparison: training never imports it (DESIGN.md).
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    method, antialias = TF_RESIZES[resize]
 
     def preprocess(jpeg):
         begin, crop, _ = tf.image.sample_distorted_bounding_box(
@@ -326,7 +338,7 @@ def _tf_rate(jpegs, size: int, threads: int, batch: int, batches: int) -> float:
             use_image_if_no_bounding_boxes=True)
         window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
         image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-        image = tf.image.resize(image, [size, size], method="bilinear")
+        image = tf.image.resize(image, [size, size], method=method, antialias=antialias)
         image = tf.image.random_flip_left_right(image)
         return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
@@ -396,11 +408,36 @@ def resize_difference(jpegs, size: int, draws: int = 4) -> float:
     return _psnr(out["bilinear"], out["after"])
 
 
+def tf_antialias_difference(jpegs, size: int, draws: int = 2) -> int:
+    """Largest difference, in levels, between the stream's default resize (Pillow's
+    antialiased bilinear) and tf.data's bilinear with antialias=True on the same crop windows
+    (train boxes rounded to pixels, each resized whole): the like-for-like reference does the
+    same work. Pillow rounds to 8 bits between its two passes (at most half a level), so the
+    two may differ by one level, never more."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    from resnet_jax.data import stream
+
+    load, (method, antialias) = _loaders(jpegs, size, 1)["after"], TF_RESIZES["tf_antialias"]
+    worst = 0
+    for index, jpeg in enumerate(jpegs):
+        for draw in range(draws):
+            pixels, (left, top, right, bottom) = stream.decode(
+                jpeg, load.box_of(np.random.default_rng([7, index, draw])), size, draft=False)
+            crop = np.ascontiguousarray(pixels[round(top):round(bottom), round(left):round(right)])
+            ours = stream.crop_resize(crop, (0, 0, crop.shape[1], crop.shape[0]), size, antialias=True)
+            theirs = tf.image.resize(crop, [size, size], method=method, antialias=antialias)
+            theirs = tf.cast(tf.clip_by_value(tf.round(theirs), 0, 255), tf.uint8).numpy()
+            worst = max(worst, int(np.abs(ours.astype(int) - theirs).max()))
+    return worst
+
+
 def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: int, rounds: int) -> dict:
     """Per-worker images/s before (Pillow, float32 out), after (simplejpeg + draft, Pillow's
-    antialiased resize, uint8 out), after without antialiasing, and tf.data on one thread,
-    interleaved `rounds` times on the same JPEGs; then `workers` processes (threads for
-    tf.data); the stage split; the draft's and the plain resize's pixel differences."""
+    antialiased resize, uint8 out), after without antialiasing, and tf.data on one thread with
+    each of `TF_RESIZES`, interleaved `rounds` times on the same JPEGs; then `workers`
+    processes (threads for tf.data); the stage split; the draft's and the plain resize's pixel
+    differences; how far tf.data's antialiased resize is from the stream's."""
     size, batch = config.data.image_size, config.train.batch_size
     if tfds_name:  # a prepared dataset's own JPEGs instead of the photos
         from resnet_jax.data import stream
@@ -410,40 +447,42 @@ def stream_rate(config, tfds_name: str, data_dir: str, workers: int, batches: in
     else:
         jpegs = photo_jpegs(512)
     loaders = _loaders(jpegs, size, batch)
-    rates = {"before": [], "after": [], "bilinear": [], "tf": []}  # (wall, cpu) images/s per round
+    rates = {name: [] for name in (*loaders, *TF_RESIZES)}  # (wall, cpu) images/s per round
     for _ in range(rounds):  # interleaved, so load from other processes hits all alike
-        for name in ("before", "after", "bilinear"):
-            rates[name].append(_in_process_rate(loaders[name], batches))
-        rates["tf"].append(_tf_rate(jpegs, size, 1, batch, batches))
+        for name, load in loaders.items():
+            rates[name].append(_in_process_rate(load, batches))
+        for name in TF_RESIZES:
+            rates[name].append(_tf_rate(jpegs, size, 1, batch, batches, name))
     result = {"jpegs": len(jpegs), "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1e3, "rounds": rounds}
     for clock, name in ((1, "cpu"), (0, "wall")):
         series = {k: [r[clock] for r in v] for k, v in rates.items()}
         suffix = "" if name == "cpu" else "_wall"
-        for prefix, key in (("", "after"), ("bilinear_", "bilinear")):
-            to_tf = [a / t for a, t in zip(series[key], series["tf"])]
+        ratios = lambda key, to: [a / b for a, b in zip(series[key], series[to])]  # per round
+        # ratio_vs_tf: against tf.data doing the same resize; ratio_vs_tf_flax: against flax's.
+        for prefix, key, like in (("", "after", "tf_antialias"), ("bilinear_", "bilinear", "tf_bilinear")):
             result.update({
                 f"{prefix or 'images_per_sec_'}per_worker{suffix}": statistics.median(series[key]),
-                f"{prefix}ratio_vs_tf{suffix}": statistics.median(to_tf),
-                f"{prefix}ratio_vs_before{suffix}": statistics.median(
-                    [a / b for a, b in zip(series[key], series["before"])]),
+                f"{prefix}ratio_vs_tf{suffix}": statistics.median(ratios(key, like)),
+                f"{prefix}ratio_vs_tf_flax{suffix}": statistics.median(ratios(key, "tf_flax")),
+                f"{prefix}ratio_vs_before{suffix}": statistics.median(ratios(key, "before")),
                 f"spread_{prefix}per_worker{suffix}": [min(series[key]), max(series[key])],
-                f"spread_{prefix}ratio_vs_tf{suffix}": [min(to_tf), max(to_tf)]})
-        result.update({
-            f"before_per_worker{suffix}": statistics.median(series["before"]),
-            f"tf_data_per_thread{suffix}": statistics.median(series["tf"]),
-            f"spread_before{suffix}": [min(series["before"]), max(series["before"])],
-            f"spread_tf{suffix}": [min(series["tf"]), max(series["tf"])]})
+                f"spread_{prefix}ratio_vs_tf{suffix}": [min(ratios(key, like)), max(ratios(key, like))]})
+        for key in ("before", *TF_RESIZES):
+            result.update({f"{key}_per_{'worker' if key == 'before' else 'thread'}{suffix}": statistics.median(series[key]),
+                           f"spread_{key}{suffix}": [min(series[key]), max(series[key])]})
     result["images_per_sec"] = result["images_per_sec_per_worker_wall"]  # what --workers deliver (wall)
     if workers > 0:
         result[f"images_per_sec_{workers}_workers"] = result["images_per_sec"] = _workers_rate(
             loaders["after"], workers, batches)
         result[f"bilinear_{workers}_workers"] = _workers_rate(loaders["bilinear"], workers, batches)
         result[f"before_{workers}_workers"] = _workers_rate(loaders["before"], workers, batches)
-        result[f"tf_data_{workers}_threads"] = _tf_rate(jpegs, size, workers, batch, batches)[0]
+        for name in ("tf_antialias", "tf_bilinear"):
+            result[f"{name}_{workers}_threads"] = _tf_rate(jpegs, size, workers, batch, batches, name)[0]
     for name in ("before", "after", "bilinear"):
         result[f"stages_ms_{name}"] = _stages(loaders[name], batches, normalise=name == "before")
     result.update(draft_difference(jpegs[:128], size, loaders["before"].eval_resize))
     result["bilinear_psnr_db"] = resize_difference(jpegs[:128], size)
+    result["tf_antialias_max_diff"] = tf_antialias_difference(jpegs[:64], size)
     _print_stream_table(result, workers)
     return result
 
@@ -452,19 +491,24 @@ def _print_stream_table(result: dict, workers: int) -> None:
     spread = lambda key: f"{result[key][0]:,.0f}-{result[key][1]:,.0f}"
     for suffix, what in (("", "images per CPU second (one core's rate)"), ("_wall", "images per wall second")):
         print(f"{what}, median of {result['rounds']} interleaved rounds (min-max):")
-        print(f"  stream before (Pillow, float32):         {result['before_per_worker' + suffix]:8,.0f}  "
+        print(f"  stream before (Pillow, float32):             {result['before_per_worker' + suffix]:8,.0f}  "
               f"({spread('spread_before' + suffix)})")
-        print(f"  tf.data decode_and_crop_jpeg:            {result['tf_data_per_thread' + suffix]:8,.0f}  "
-              f"({spread('spread_tf' + suffix)})")
-        for prefix, what_now in (("", "now (antialiased resize)  "), ("bilinear_", "now, resize_antialias=False")):
+        for key, what_tf in (("tf_flax", "flax's example (bicubic)   "), ("tf_bilinear", "bilinear                   "),
+                             ("tf_antialias", "bilinear, antialias=True   ")):
+            print(f"  tf.data, {what_tf}:       {result[f'{key}_per_thread{suffix}']:8,.0f}  "
+                  f"({spread(f'spread_{key}{suffix}')})")
+        for prefix, what_now, like in (("", "now (antialiased resize)   ", "bilinear, antialias=True"),
+                                       ("bilinear_", "now, resize_antialias=False", "bilinear")):
             low, high = result[f"spread_{prefix}ratio_vs_tf{suffix}"]
-            print(f"  stream {what_now}:   {result[(prefix or 'images_per_sec_') + 'per_worker' + suffix]:8,.0f}  "
+            print(f"  stream {what_now}:        {result[(prefix or 'images_per_sec_') + 'per_worker' + suffix]:8,.0f}  "
                   f"({spread(f'spread_{prefix}per_worker{suffix}')})  x{result[f'{prefix}ratio_vs_before{suffix}']:.2f} "
-                  f"of before, x{result[f'{prefix}ratio_vs_tf{suffix}']:.2f} of tf.data ({low:.2f}-{high:.2f})")
+                  f"of before, x{result[f'{prefix}ratio_vs_tf{suffix}']:.2f} of tf.data {like} ({low:.2f}-{high:.2f}), "
+                  f"x{result[f'{prefix}ratio_vs_tf_flax{suffix}']:.2f} of flax's")
     if workers > 0:
         print(f"{workers} workers: stream {result[f'images_per_sec_{workers}_workers']:,.0f}, without antialiasing "
-              f"{result[f'bilinear_{workers}_workers']:,.0f}, before {result[f'before_{workers}_workers']:,.0f}, "
-              f"tf.data ({workers} threads) {result[f'tf_data_{workers}_threads']:,.0f} images/s")
+              f"{result[f'bilinear_{workers}_workers']:,.0f}, before {result[f'before_{workers}_workers']:,.0f}; "
+              f"tf.data ({workers} threads) antialiased {result[f'tf_antialias_{workers}_threads']:,.0f}, "
+              f"bilinear {result[f'tf_bilinear_{workers}_threads']:,.0f} images/s")
     for key in ("stages_ms_before", "stages_ms_after", "stages_ms_bilinear"):
         print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items())
               + f" (total {sum(result[key].values()):.3f} ms/image)")
@@ -473,6 +517,8 @@ def _print_stream_table(result: dict, workers: int) -> None:
         print(f"draft vs full decode, {mode}: {100 * result[f'{mode}_drafted_share']:.0f}% of crops drafted, "
               + (f"PSNR {psnr:.1f} dB" if psnr is not None else "no crop drafted: identical pixels"))
     print(f"resize without vs with antialiasing, train crops: PSNR {result['bilinear_psnr_db']:.1f} dB")
+    print(f"antialiased resize vs tf.data's bilinear with antialias=True, same crop windows: at most "
+          f"{result['tf_antialias_max_diff']} level apart")
 
 
 def run(argv) -> dict:

@@ -65,7 +65,8 @@ flags.DEFINE_enum("family", "v1", ["v1", "preact"], "v1: He et al. 2015's nets; 
                   "twins (preplain/preresnet, He et al. 2016).", flag_values=FLAGS)
 # He et al. 2016, Table 2 (CIFAR-10 test error, %): the pre-activation ResNet-110 and -164.
 PREACT_PAPER_TEST_ERROR = {("resnet", 110): (6.37, "He et al. 2016, Table 2"),
-                           ("resnet", 164): (5.46, "He et al. 2016, Table 2")}
+                           ("resnet", 164): (5.46, "He et al. 2016, Table 2"),
+                           ("resnet", 1001): (4.92, "He et al. 2016, Table 3")}
 flags.DEFINE_list("depths", None, "CIFAR depths 6n+2, comma separated (default: paper 20,32,44,56; gpu and "
                   "short 20,56; smoke 8,14); with --family=preact also the bottleneck depths 9n+2 from 164 "
                   "(164, 1001).", flag_values=FLAGS)

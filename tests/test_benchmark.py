@@ -38,10 +38,17 @@ def test_device_end_to_end_row(tmp_path):
 
 def test_stream_row_compares_before_now_and_tf_data(tmp_path):
     row = _run(tmp_path, "--data=stream", "--image_size=64", "--steps=1", "--rounds=1", "--workers=1")
-    for key in ("images_per_sec_per_worker", "before_per_worker", "tf_data_per_thread", "ratio_vs_tf",
-                "bilinear_per_worker", "bilinear_ratio_vs_tf", "images_per_sec_1_workers", "before_1_workers",
-                "bilinear_1_workers", "tf_data_1_threads"):
+    for key in ("images_per_sec_per_worker", "before_per_worker", "tf_flax_per_thread", "tf_bilinear_per_thread",
+                "tf_antialias_per_thread", "ratio_vs_tf", "ratio_vs_tf_flax", "bilinear_per_worker",
+                "bilinear_ratio_vs_tf", "bilinear_ratio_vs_tf_flax", "images_per_sec_1_workers", "before_1_workers",
+                "bilinear_1_workers", "tf_antialias_1_threads", "tf_bilinear_1_threads"):
         assert row[key] > 0, key
+    # Each ratio is against its own reference: the default against tf.data's antialiased resize.
+    assert row["ratio_vs_tf"] == pytest.approx(row["images_per_sec_per_worker"] / row["tf_antialias_per_thread"],
+                                               rel=1e-9)  # one round: the median is that round's
+    assert row["bilinear_ratio_vs_tf"] == pytest.approx(row["bilinear_per_worker"] / row["tf_bilinear_per_thread"],
+                                                        rel=1e-9)
+    assert row["tf_antialias_max_diff"] <= 1  # the like-for-like reference resizes as the stream does
     for name in ("before", "after", "bilinear"):
         assert set(row[f"stages_ms_{name}"]) == {"read", "decode", "crop_resize", "flip", "collate"}
     assert 20 < row["bilinear_psnr_db"] < 45  # another image than the antialiased resize, not noise

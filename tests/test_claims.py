@@ -271,7 +271,7 @@ def test_benchmark_stream_row(tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["data"] == "stream" and row["images_per_sec"] > 0 and row["jpegs"] == 37
     assert row["images_per_sec"] == row["images_per_sec_per_worker_wall"]  # workers=0: the main process
-    assert row["tf_data_per_thread"] > 0 and row["ratio_vs_tf"] > 0
+    assert row["tf_antialias_per_thread"] > 0 and row["ratio_vs_tf"] > 0
     assert "RESULT model=resnet8 batch=8" in result.stdout
 
 
