@@ -1,5 +1,7 @@
 """Data parallelism, on fake CPU devices in subprocesses."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -40,17 +42,26 @@ def _env(devices):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two steps of the same run on 1 device, on 4 under shard_map and on 4 under pmap; and a
-    deliberately different one (per-device BN on 4 devices) that CLOSE must tell apart."""
+    deliberately different one (per-device BN on 4 devices) that CLOSE must tell apart. The
+    one-device run trains in this process (one CPU device), the three four-device runs one
+    after the other in one subprocess (tests/train_runs.py)."""
     base = tmp_path_factory.mktemp("parallel")
     out = {"base": base}
     # The four-device run also keeps its checkpoint of step 1 (checkpointing does not change
     # the state), for the resume test; the two-process test compares with it.
-    for name, devices, overrides in (("one", 1, {}), ("four", 4, {"train.checkpoint_every": 1}),
-                                     ("four_pmap", 4, {"parallel.backend": "pmap"}),
-                                     ("four_per_device_bn", 4, {"model.bn_sync": False})):
-        result = run_main(base / name, {**COMPARED_STEPS, **overrides}, devices=devices)
-        backend = overrides.get("parallel.backend", "shard_map")
-        assert f"{devices} cpu device(s) on 1 host(s), {backend}" in result.stdout
+    four = [("four", {"train.checkpoint_every": 1}), ("four_pmap", {"parallel.backend": "pmap"}),
+            ("four_per_device_bn", {"model.bn_sync": False})]
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_runs.py"),
+                    json.dumps([[str(base / name), {**COMPARED_STEPS, **overrides}] for name, overrides in four])],
+                   env=_env(4), check=True, capture_output=True, cwd=ROOT, timeout=600)
+    assert jax.device_count() == 1
+    with contextlib.redirect_stdout(io.StringIO()) as one:
+        train.train_and_evaluate(tiny_config(**COMPARED_STEPS), str(base / "one"))
+    stdout = {"one": one.getvalue()}
+    stdout.update({name: (base / f"{name}.stdout").read_text() for name, _ in four})
+    for name, devices, backend in (("one", 1, "shard_map"), ("four", 4, "shard_map"), ("four_pmap", 4, "pmap"),
+                                   ("four_per_device_bn", 4, "shard_map")):
+        assert f"{devices} cpu device(s) on 1 host(s), {backend}" in stdout[name]
         out[name], step = restore_state(base / name)
         assert step == 2
     return out
