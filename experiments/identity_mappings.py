@@ -78,9 +78,10 @@ flags.DEFINE_integer("depth", None, "110 or 164 (activations; shortcuts is ResNe
 def base_net(depth: int) -> str:
     """The configs/cifar.py model of `depth`: ResNet-d (basic, option A) below 164, the
     bottleneck skeleton of resnet-pre-act.lua from 164 on (the ordering is a row's field)."""
-    if depth >= 164 and (depth - 2) % 9 == 0:
+    block = runs.cifar_block(depth, preact=True)
+    if block == "bottleneck":
         return f"preresnet{depth}"
-    if depth >= 8 and (depth - 2) % 6 == 0:
+    if block == "basic":
         return f"resnet{depth}"
     raise UserError(f"--depth={depth} is not a CIFAR depth 6n+2 or a bottleneck depth 9n+2 from 164")
 

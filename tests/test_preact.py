@@ -116,6 +116,19 @@ def test_preact_families(name, family):
     assert models.model_family(name) == family
 
 
+def test_experiments_depth_rule_is_the_models():
+    """experiments/runs restates the CIFAR depth rule (so a bad --depths is told before JAX
+    loads): it must name the unit the model builds, for every depth up to 1,010."""
+    from experiments import runs
+    from resnet_jax.models.resnet import _preact_cifar_block
+
+    for depth in range(1, 1011):
+        built = _preact_cifar_block(depth)
+        expected = None if built is None else ("bottleneck" if built[0] is blocks.Bottleneck else "basic")
+        assert runs.cifar_block(depth, preact=True) == expected, depth
+        assert runs.cifar_block(depth) == (None if depth < 8 or (depth - 2) % 6 else "basic"), depth
+
+
 @pytest.mark.parametrize("name", ["preresnet111", "preresnet7", "resnetv2_56", "resnetv2_", "preresnet_110"])
 def test_bad_preact_names(name):
     with pytest.raises(ValueError, match="unknown model"):

@@ -18,8 +18,8 @@ from .planner import Calibration
 from .records import (DONE_FIELDS, existing, finish, last_evaluation, read_json, run_or_skip, write_json)
 from .results import (binomial_se, cards, check_experiment, command_line, commands_section, compare, curves,
                       figure_runs, final_train_error, mean_std, pct, result_row, save_results, training_summary)
-from .spec import (CONFIG_FILE, MAIN, RunSpec, define_flags, make_run, parse_concurrent, parse_data, parse_depths,
-                   parse_records)
+from .spec import (CONFIG_FILE, MAIN, RunSpec, cifar_block, define_flags, make_run, parse_concurrent, parse_data,
+                   parse_depths, parse_records)
 
 
 def machine_line(in_process: bool = True) -> str:

@@ -20,6 +20,20 @@ from resnet_jax.errors import UserError
 # resnet_jax.models.resnet's PREACT_BOTTLENECK_MIN_DEPTH (not imported: it would load JAX
 # before a bad flag is told).
 PREACT_BOTTLENECK_MIN_DEPTH = 164
+
+
+def cifar_block(depth: int, preact: bool = False) -> str | None:
+    """"bottleneck", "basic" or None: the residual unit configs/cifar.py builds a net of
+    `depth` from (resnet_jax.models.resnet's rule, restated here without importing it):
+    pre-activation nets (`preact`) take bottleneck units at 9n+2 from 164 (164, 1001), every
+    net basic units at 6n+2 from 8."""
+    if preact and depth >= PREACT_BOTTLENECK_MIN_DEPTH and (depth - 2) % 9 == 0:
+        return "bottleneck"
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return "basic"
+    return None
+
+
 CONFIG_FILE = "configs/cifar.py"  # resolves to the installed recipe from any directory
 MAIN = "python -m resnet_jax.main"
 
@@ -157,9 +171,7 @@ def parse_depths(values: Sequence[str] | None, default: Sequence[int], flag: str
     for item in values:
         item = str(item).strip()
         depth = int(item) if item.isdigit() else 0
-        basic = depth >= 8 and (depth - 2) % 6 == 0
-        bottleneck = preact and depth >= PREACT_BOTTLENECK_MIN_DEPTH and (depth - 2) % 9 == 0
-        if not (basic or bottleneck):
+        if cifar_block(depth, preact) is None:
             raise UserError(f"{flag}: {item!r} is not a pre-activation CIFAR depth: 6n+2 (8, 14, 20, ..., 110) or "
                             f"a bottleneck depth 9n+2 from 164 (164, 173, ..., 1001)" if preact else
                             f"{flag}: {item!r} is not a CIFAR depth 6n+2 (8, 14, 20, ..., 56, ..., 110, ..., 1202)")
