@@ -156,8 +156,9 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
     mixed batch is each example's dominant label (resnet_jax.data.mix).
 
     Returns:
-      The new state, and the step's metrics over the global batch: a dict whose every entry
-      is averaged over the steps between two logs (a new metric is one line here).
+      The new state, and the step's metrics over the global batch (`TRAIN_METRICS`, in that
+      order): each is averaged over the steps between two logs (a new metric is one line
+      here and its name in `TRAIN_METRICS`).
     """
     mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
     loss, logits, batch_stats, grads = loss_and_grads(state.params, state.batch_stats, batch, dropout_key,
@@ -172,6 +173,7 @@ def train_step(state: TrainState, batch: dict, dropout_key: jax.Array, *, model,
         "error": 1.0 - mean(jnp.mean(jnp.argmax(logits, -1) == batch["label"])),
         "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
     }
+    assert tuple(metrics) == TRAIN_METRICS, f"train_step's metrics {tuple(metrics)}: add them to TRAIN_METRICS"
     ema = state.ema if state.ema is None else ema_lib.update(state.ema, params, batch_stats,
                                                              ema_step_size(state.step + 1))
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
@@ -196,9 +198,14 @@ def eval_step(state: TrainState, batch: dict, *, model) -> dict:
 # Metrics summed on the device between two fetches by the host.
 
 
-def zero_accumulator(metrics: dict) -> dict:
-    """Zero sums of `metrics` (names -> scalars or their shapes), on the host."""
-    return {"sums": jax.tree.map(lambda _: np.float32(0), metrics), "steps": np.float32(0),
+# The scalars `train_step` returns. Named here so the trainer can make its accumulator without
+# tracing a whole training step for their shapes (seconds for a ResNet-50).
+TRAIN_METRICS = ("loss", "error", "grad_norm")
+
+
+def zero_accumulator(names: tuple[str, ...] = TRAIN_METRICS) -> dict:
+    """Zero sums of the scalar metrics `names`, on the host."""
+    return {"sums": {name: np.float32(0) for name in names}, "steps": np.float32(0),
             "first_nonfinite_step": np.int32(NO_NONFINITE_STEP)}
 
 

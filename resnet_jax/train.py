@@ -11,7 +11,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -89,19 +88,9 @@ class Trainer:
         state = init(self.eval_model, self.tx, self.config.train.seed, tuple(self.image_shape), self.with_ema)
         return self.parallel.replicate(jax.device_get(state))
 
-    @functools.cached_property
-    def _metric_shapes(self) -> dict:
-        """The metrics `train_step` returns, traced once (not at every log)."""
-        per_device = self.config.train.batch_size // self.parallel.num_devices
-        batch = {"image": jax.ShapeDtypeStruct((1, per_device, *self.image_shape), jnp.float32),
-                 "label": jax.ShapeDtypeStruct((1, per_device), jnp.int32)}
-        step = lambda state, b: steps.train_step(state, b, jax.random.PRNGKey(0), model=self.eval_model,
-                                                 tx=self.tx, bn_sync=True, ema_step_size=self.ema_step_size)[1]
-        return jax.eval_shape(jax.vmap(step, in_axes=(None, 0), axis_name=AXIS), self.abstract_state(), batch)
-
     def empty_accumulator(self):
         """`steps.zero_accumulator` of the metrics `train_step` returns, on the devices."""
-        return self.parallel.replicate(steps.zero_accumulator(self._metric_shapes))
+        return self.parallel.replicate(steps.zero_accumulator())
 
     def evaluate(self, state: TrainState) -> dict[str, dict]:
         """Every eval split's {"loss", "error", "top5_error", "examples"}; with a weight EMA,
