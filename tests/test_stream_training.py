@@ -1,7 +1,10 @@
 """The trainer on the streaming pipeline: the ImageNet recipe trains a few steps
 from a tiny TFDS dataset of JPEGs, and resumes the exact data order from its checkpoint."""
 
+import contextlib
+import io
 import re
+import shutil
 
 import pytest
 
@@ -32,11 +35,21 @@ def _config(data_dir, total_steps):
     return config
 
 
-def test_imagenet_recipe_trains_through_the_stream(tmp_path, data_dir, capsys):
-    result = train.train_and_evaluate(_config(data_dir, 4), str(tmp_path))
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, data_dir):
+    """One 4-step run (checkpoints at 2 and 4) with what it printed, shared: the recipe test
+    reads its output, the draft test evaluates its checkpoint, the resume test continues a copy."""
+    workdir = tmp_path_factory.mktemp("four_steps")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train.train_and_evaluate(_config(data_dir, 4), str(workdir))
+    return workdir, result, out.getvalue()
+
+
+def test_imagenet_recipe_trains_through_the_stream(four_steps):
+    _, result, out = four_steps
     assert result["val"]["examples"] == tiny_imagenet_builder.SPLIT_SIZES["validation"]  # exact, padded
     assert result["step"] == 4
-    out = capsys.readouterr().out
     # Workers sized by measurement: what the input delivers at the start, what the model
     # consumed after the first log period (once).
     assert re.search(r"input: the main process \(data.workers=0\) delivers about [\d,]+ images/s", out), out
@@ -70,10 +83,10 @@ def test_input_bottleneck_is_warned_about():
     assert len(quiet.log_notes()) == 1  # no warning: the step never waited, input is ample
 
 
-def test_resume_continues_the_stream_exactly(tmp_path, data_dir):
+def test_resume_continues_the_stream_exactly(tmp_path, data_dir, four_steps):
     train.train_and_evaluate(_config(data_dir, 6), str(tmp_path / "straight"))
-    train.train_and_evaluate(_config(data_dir, 2), str(tmp_path / "resumed"))
-    train.train_and_evaluate(_config(data_dir, 6), str(tmp_path / "resumed"))  # continues from step 2
+    shutil.copytree(four_steps[0], tmp_path / "resumed")
+    train.train_and_evaluate(_config(data_dir, 6), str(tmp_path / "resumed"))  # continues from step 4
     straight, _ = restore_state(tmp_path / "straight")
     resumed, step = restore_state(tmp_path / "resumed")
     assert step == 6 and tree_equal(straight, resumed)
@@ -90,13 +103,13 @@ MEASURED_ERROR_CHANGE = 0.0
 MEASURED_LOSS_CHANGE = 0.005
 
 
-def test_draft_decoding_changes_a_fixed_checkpoints_error_at_most_as_measured(tmp_path, data_dir):
+def test_draft_decoding_changes_a_fixed_checkpoints_error_at_most_as_measured(data_dir, four_steps):
     from helpers import restore_state
     from resnet_jax.parallel import Parallel
 
     config = _config(data_dir, 4)
-    train.train_and_evaluate(config, str(tmp_path))
-    state, _ = restore_state(tmp_path)
+    state, step = restore_state(four_steps[0], 4)
+    assert step == 4
     results = {}
     for draft in (False, True):
         config.data.jpeg_draft = draft
