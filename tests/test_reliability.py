@@ -42,6 +42,24 @@ def straight(tmp_path_factory):
     return restore_state(workdir)[0]
 
 
+# Ten steps with checkpoints at 5 and 10: enough for a previous checkpoint to fall back to.
+SHORT = {**LONG, "train.total_steps": 10, "train.checkpoint_every": 5}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One finished SHORT run, trained once; the tests that damage or reuse a finished run
+    each get a copy (`_copy_of`) instead of training their own."""
+    workdir = tmp_path_factory.mktemp("short")
+    run_main(workdir, SHORT)
+    return workdir
+
+
+def _copy_of(run, workdir):
+    shutil.copytree(run, workdir)
+    return workdir
+
+
 def test_a_second_run_into_a_busy_workdir_is_refused_touching_nothing(tmp_path):
     """The same command started twice: the second exits 2 naming the first, which trains on."""
     endless = {**LONG, "train.total_steps": 1_000_000}
@@ -141,22 +159,20 @@ def _truncate_largest_file(directory):
         f.truncate(os.path.getsize(largest) // 3)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
-    short = {**LONG, "train.total_steps": 20}
-    run_main(tmp_path / "straight", short)
-    run_main(tmp_path / "run", short)
-    _truncate_largest_file(tmp_path / "run" / "checkpoints" / "20")
-    again = run_main(tmp_path / "run", short)
-    assert "checkpoint 20" in again.stderr and "unreadable" in again.stderr
-    assert "resuming at step 10" in again.stdout
-    assert (tmp_path / "run" / "corrupt_checkpoints").is_dir()  # set aside, not deleted
-    final, step = restore_state(tmp_path / "run")
-    assert step == 20 and tree_equal(final, restore_state(tmp_path / "straight")[0])
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, short_run):
+    run = _copy_of(short_run, tmp_path / "run")
+    _truncate_largest_file(run / "checkpoints" / "10")
+    again = run_main(run, SHORT)
+    assert "checkpoint 10" in again.stderr and "unreadable" in again.stderr
+    assert "resuming at step 5" in again.stdout
+    assert (run / "corrupt_checkpoints").is_dir()  # set aside, not deleted
+    final, step = restore_state(run)
+    assert step == 10 and tree_equal(final, restore_state(short_run)[0])  # the same as the undamaged run
 
 
-def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
-    short = {**LONG, "train.total_steps": 10, "train.checkpoint_every": 5}
-    run_main(tmp_path, short)
+def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path, short_run):
+    short = SHORT
+    tmp_path = _copy_of(short_run, tmp_path / "run")
     for step in ("5", "10"):
         _truncate_largest_file(tmp_path / "checkpoints" / step)
     before = sorted(os.listdir(tmp_path / "checkpoints"))
@@ -185,9 +201,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(__import__("numpy").isfinite(x).all() for x in __import__("jax").tree.leaves(state.params))
 
 
-def test_incompatible_config_is_refused_showing_the_difference(tmp_path):
-    short = {**LONG, "train.total_steps": 10}
-    run_main(tmp_path, short)
+def test_incompatible_config_is_refused_showing_the_difference(tmp_path, short_run):
+    short = SHORT
+    tmp_path = _copy_of(short_run, tmp_path / "run")
     other = run_main(tmp_path, {**short, "model.name": "resnet14"}, check=False)
     assert other.returncode == 2
     lines = other.stderr.strip().splitlines()

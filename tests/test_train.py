@@ -240,12 +240,35 @@ def test_per_pixel_mean_normalisation():
     ({"data.source": "npz", "data.path": "/nonexistent/cifar.npz"}, 1, "data file not found: /nonexistent/cifar.npz"),
     ({"data.eval_splits": "test=validation"}, 1, "unknown split 'validation'"),
 ])
-def test_bad_config_is_one_line_and_exit_2(tmp_path, overrides, devices, message):
+def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, overrides, devices, message):
+    """The one multi-device case runs as a real process (its fake devices must be set before
+    JAX starts), which also checks the whole process's stderr and exit status; the others call
+    the same entry point, resnet_jax.main.main, in this process, saving a process start each
+    (its os._exit, which would end pytest, raising SystemExit with the code instead; the module
+    reloaded for fresh flags, as ml_collections defines `--config.x` override flags once)."""
     workdir = tmp_path / "run"
-    result = run_main(workdir, overrides, devices=devices, check=False)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    if devices > 1:
+        result = run_main(workdir, overrides, devices=devices, check=False)
+        returncode, stderr = result.returncode, result.stderr
+    else:
+        import importlib
+
+        from helpers import ROOT, cli_args
+        from resnet_jax import main
+
+        main = importlib.reload(main)
+
+        def exit_(code):
+            raise SystemExit(code)
+
+        monkeypatch.setattr(os, "_exit", exit_)
+        with pytest.raises(SystemExit) as exited:
+            main.main(["resnet_jax.main", f"--config={ROOT}/configs/digits.py:resnet8", f"--workdir={workdir}",
+                       *cli_args(overrides)])
+        returncode, stderr = exited.value.code, capsys.readouterr().err
+    assert returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert not workdir.exists()  # nothing written
 
 
