@@ -171,18 +171,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, short_run):
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path, short_run):
-    short = SHORT
-    tmp_path = _copy_of(short_run, tmp_path / "run")
+    run = _copy_of(short_run, tmp_path / "run")
     for step in ("5", "10"):
-        _truncate_largest_file(tmp_path / "checkpoints" / step)
-    before = sorted(os.listdir(tmp_path / "checkpoints"))
-    result = run_main(tmp_path, short, check=False)
+        _truncate_largest_file(run / "checkpoints" / step)
+    before = sorted(os.listdir(run / "checkpoints"))
+    result = run_main(run, SHORT, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: no readable checkpoint in ")
     # No traceback of ours. (TensorStore's threads may print asyncio "Event loop is closed"
     # tracebacks of their own while Orbax gives up on a truncated file: a known wart.)
     assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File") and "resnet_jax" in line]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # nothing moved or overwritten
+    assert sorted(os.listdir(run / "checkpoints")) == before  # nothing moved or overwritten
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -202,15 +201,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_incompatible_config_is_refused_showing_the_difference(tmp_path, short_run):
-    short = SHORT
-    tmp_path = _copy_of(short_run, tmp_path / "run")
-    other = run_main(tmp_path, {**short, "model.name": "resnet14"}, check=False)
+    run = _copy_of(short_run, tmp_path / "run")
+    other = run_main(run, {**SHORT, "model.name": "resnet14"}, check=False)
     assert other.returncode == 2
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds a different run" in lines[0] and "model.name: 'resnet8' -> 'resnet14'" in lines[0]
-    fresh = run_main(tmp_path, {**short, "model.name": "resnet14", "overwrite": True})
+    fresh = run_main(run, {**SHORT, "model.name": "resnet14", "overwrite": True})
     assert "from scratch" in fresh.stdout
-    assert '"model.name": "resnet14"' in (tmp_path / "config.json").read_text()
+    assert '"model.name": "resnet14"' in (run / "config.json").read_text()
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path):
